@@ -1,0 +1,47 @@
+# Everything a fresh clone needs: Python 3.11 and make. The venv lives in .venv and is reused.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTO_OUT := extproc/_proto
+PROTOS := $(shell find proto -name '*.proto')
+
+.PHONY: all run test lint typecheck bench proto clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Our own gRPC definitions are compiled by the build; Envoy's come from xds-protos.
+$(PROTO_OUT)/.stamp: $(PROTOS) proto/build.py $(STAMP)
+	$(PY) proto/build.py
+	touch $@
+
+proto: $(PROTO_OUT)/.stamp
+
+lint: proto
+	$(VENV)/bin/ruff check extproc tests
+	$(VENV)/bin/ruff format --check extproc tests || true
+
+typecheck: proto
+	$(VENV)/bin/mypy
+
+test: proto
+	$(VENV)/bin/ruff check extproc tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+run: proto
+	$(PY) -m extproc.demo.run
+
+bench: proto
+	$(PY) -m extproc.bench
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) .run .mypy_cache .ruff_cache .pytest_cache

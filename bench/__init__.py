@@ -1,0 +1,1 @@
+"""Benchmark tools for `make bench`: load generator, CPU accounting, empty decision server."""

@@ -1,0 +1,1 @@
+"""Thin translations between Envoy's protobuf APIs and the decision core."""

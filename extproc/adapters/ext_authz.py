@@ -1,0 +1,78 @@
+"""envoy.service.auth.v3.Authorization: one unary Check per request, body included if sent.
+
+The same decision core as ext_proc; identity leaves as headers (overwrite) and as dynamic
+metadata, which Envoy files under `envoy.filters.http.ext_authz` for later filters.
+"""
+
+from __future__ import annotations
+
+import grpc
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.rpc import code_pb2, status_pb2
+
+from extproc.adapters.common import context_from_headers, deny_headers, struct
+from extproc.pipeline.context import RequestContext
+from extproc.pipeline.decision import Allow, Deny
+from extproc.pipeline.run import DecisionCore
+from extproc.pipeline.upstream import allow_mutation, dynamic_metadata
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+def context_of(request: pb.CheckRequest) -> RequestContext:
+    http = request.attributes.request.http
+    headers = dict(http.headers)  # already lower-case and comma-joined by Envoy
+    headers[":method"] = http.method
+    headers[":path"] = http.path
+    headers[":authority"] = http.host
+    headers[":scheme"] = http.scheme or "https"
+    body = http.raw_body or (http.body.encode() if http.body else None)
+    return context_from_headers(headers, body)
+
+
+def denied(deny: Deny, decision_id: str) -> pb.CheckResponse:
+    code = code_pb2.UNAUTHENTICATED if deny.status == 401 else code_pb2.PERMISSION_DENIED
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=code),
+        denied_response=pb.DeniedHttpResponse(
+            status=HttpStatus(code=deny.status),
+            headers=[_header(k, v) for k, v in deny_headers(deny, decision_id)],
+            body=deny.json_body(decision_id).decode(),
+        ),
+        dynamic_metadata=struct({"decision_id": decision_id, "denied": deny.code}),
+    )
+
+
+def ok(allow: Allow, decision_id: str) -> pb.CheckResponse:
+    mutation = allow_mutation(allow, decision_id)
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=pb.OkHttpResponse(
+            headers=[_header(k, v) for k, v in mutation.set],
+            headers_to_remove=list(mutation.remove),
+        ),
+        dynamic_metadata=struct(dynamic_metadata(allow, decision_id)),
+    )
+
+
+class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, core: DecisionCore) -> None:
+        self._core = core
+
+    async def Check(
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> pb.CheckResponse:
+        ctx = context_of(request)
+        decision = await self._core.decide(ctx)
+        if isinstance(decision, Deny):
+            return denied(decision, ctx.decision_id)
+        return ok(decision, ctx.decision_id)

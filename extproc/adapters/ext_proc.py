@@ -1,0 +1,130 @@
+"""envoy.service.ext_proc.v3.ExternalProcessor: one stream per request, phases as messages.
+
+Authentication and authorization run at the request-headers message; a denial is an immediate
+response. The request body is asked for (mode_override) only when the route needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from extproc.adapters.common import context_from_headers, deny_headers, join_headers, struct
+from extproc.pipeline.context import RequestContext
+from extproc.pipeline.decision import Allow, Deny, NeedBody
+from extproc.pipeline.run import DecisionCore
+from extproc.pipeline.upstream import allow_mutation, dynamic_metadata
+
+METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Asking for the body must restate every mode: DEFAULT would mean "send" for header phases.
+_SEND_BODY = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(),
+    mode_override=ProcessingMode(
+        request_header_mode=ProcessingMode.SEND,
+        response_header_mode=ProcessingMode.SKIP,
+        request_body_mode=ProcessingMode.BUFFERED,
+        response_body_mode=ProcessingMode.NONE,
+        request_trailer_mode=ProcessingMode.SKIP,
+        response_trailer_mode=ProcessingMode.SKIP,
+    ),
+)
+_PASS_THROUGH = {
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+def _header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def headers_of(message: pb.HttpHeaders) -> dict[str, str]:
+    # Envoy sends raw_value; header bytes that are not UTF-8 must not crash the decision.
+    return join_headers(
+        (h.key, h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        for h in message.headers.headers
+    )
+
+
+def immediate(deny: Deny, decision_id: str) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=HttpStatus(code=deny.status),
+            headers=pb.HeaderMutation(
+                set_headers=[_header(k, v) for k, v in deny_headers(deny, decision_id)]
+            ),
+            body=deny.json_body(decision_id),
+            details=f"extproc_{deny.code}",
+        )
+    )
+
+
+def allowed(allow: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse:
+    mutation = allow_mutation(allow, decision_id)
+    common = pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(
+            set_headers=[_header(k, v) for k, v in mutation.set],
+            remove_headers=list(mutation.remove),
+        ),
+        # The route picks its cluster from a header we just set: route again.
+        clear_route_cache=True,
+    )
+    meta = struct({METADATA_NAMESPACE: dynamic_metadata(allow, decision_id)})
+    if phase == "request_headers":
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta
+        )
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=meta
+    )
+
+
+class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, core: DecisionCore) -> None:
+        self._core = core
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        ctx: RequestContext | None = None
+        pending: NeedBody | None = None
+        async for request in request_iterator:
+            kind = request.WhichOneof("request")
+            if kind == "request_headers":
+                ctx = context_from_headers(headers_of(request.request_headers))
+                decision = await self._core.on_headers(ctx)
+                if isinstance(decision, NeedBody):
+                    if not request.request_headers.end_of_stream:
+                        pending = decision
+                        yield _SEND_BODY
+                        continue
+                    decision = await self._core.on_body(ctx, decision, b"")
+                yield self._render(decision, ctx.decision_id, kind)
+            elif kind == "request_body" and pending is not None and ctx is not None:
+                decision = await self._core.on_body(ctx, pending, request.request_body.body)
+                pending = None
+                yield self._render(decision, ctx.decision_id, kind)
+            elif kind is not None:
+                yield _PASS_THROUGH[kind]
+
+    @staticmethod
+    def _render(decision: Allow | Deny, decision_id: str, phase: str) -> pb.ProcessingResponse:
+        if isinstance(decision, Deny):
+            return immediate(decision, decision_id)
+        return allowed(decision, decision_id, phase)

@@ -1,0 +1,1 @@
+"""Authentication: each method is one `Authenticator`; the first that succeeds wins."""

@@ -1,0 +1,468 @@
+"""JWT bearer authentication.
+
+Two layers, each used by both the authenticator and the Wycheproof tests:
+
+- the JWS layer (`parse_compact`, `verify_signature`, `verify_compact`): compact serialisation
+  only, strict base64url, a JSON-object header, no key-bearing or critical header parameters,
+  an algorithm from the caller's allow-list (never from the token alone), a key the key source
+  vouches for, and a signature check;
+- the JWT layer (`JwtAuthenticator`): issuer selection by exact `iss`, the registered time
+  claims with a bounded leeway, audience, principal, and a cache of verified tokens.
+
+Nothing here logs: tokens and claims must never reach a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from extproc.authn.base import AuthMethod, AuthnFailure, AuthnOutcome, Identity, bearer_token
+from extproc.authn.jwks import (
+    SUPPORTED_ALGORITHMS,
+    HmacSecret,
+    KeySource,
+    b64url_decode_strict,
+    key_matches_alg,
+)
+
+# Three base64url segments; the signature may be empty so that `alg: none` tokens are still
+# recognised as JWTs (and rejected) instead of being handed to the API-key method.
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+# Header parameters that point at or carry keys. Following them lets the token choose its own
+# key, so a token carrying any of them is refused outright (x5c included: we never use it).
+_FORBIDDEN_HEADER_PARAMS = frozenset({"jku", "x5u", "jwk", "x5c"})
+# We understand no critical extension (RFC 7515 4.1.11); b64=false (RFC 7797) would change
+# what the signature covers, so it is refused even outside `crit`.
+_CRITICAL_HEADER_PARAMS = frozenset({"crit", "b64"})
+
+_ALGORITHMS: Mapping[str, Algorithm] = MappingProxyType(
+    {name: get_default_algorithms()[name] for name in SUPPORTED_ALGORITHMS}
+)
+
+MAX_LEEWAY_SECONDS = 300
+# A failed verification is remembered this long, so a client retrying a bad token in a tight
+# loop costs a dict lookup instead of a signature check each time.
+NEGATIVE_CACHE_SECONDS = 5.0
+# Failures that may turn into success without the token changing are never cached.
+_UNCACHEABLE_REASONS = frozenset({"unknown_kid", "missing_kid", "token_not_yet_valid"})
+
+
+class JwtError(Exception):
+    """Verification failed. `reason` is a stable code; `detail` is safe to show the client."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# JWS layer
+
+
+@dataclass(frozen=True, slots=True)
+class CompactJws:
+    """A structurally valid, not yet verified, compact JWS."""
+
+    header: Mapping[str, Any]
+    alg: str
+    kid: str | None
+    payload: bytes
+    signing_input: bytes
+    signature: bytes
+
+
+def parse_compact(token: str) -> CompactJws:
+    """Split and decode a compact JWS, refusing anything structurally doubtful."""
+    if token.lstrip().startswith("{"):
+        raise JwtError("malformed_token", "only the compact JWS serialisation is accepted")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise JwtError("malformed_token", "a signed token has exactly three parts")
+    header_b64, payload_b64, signature_b64 = parts
+    header = _json_object(_b64(header_b64), "header")
+    alg, kid = _check_header(header)
+    return CompactJws(
+        header=MappingProxyType(header),
+        alg=alg,
+        kid=kid,
+        payload=_b64(payload_b64),
+        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
+        signature=_b64(signature_b64),
+    )
+
+
+async def verify_signature(jws: CompactJws, keys: KeySource, algorithms: Collection[str]) -> None:
+    """Check the signature with a key from `keys`, for an algorithm the caller allows."""
+    alg = jws.alg
+    if alg not in algorithms or alg not in SUPPORTED_ALGORITHMS:
+        raise JwtError("algorithm_not_allowed", "the token's signing algorithm is not accepted")
+    key = await keys.key_for(jws.kid, alg)
+    if key is None:
+        if jws.kid is None:
+            raise JwtError("missing_kid", "the token has no key id and one is required")
+        raise JwtError("unknown_kid", "no key is known for the token's key id and algorithm")
+    # Key sources already filter by algorithm; re-checking here means no source bug can ever
+    # pair, say, an RSA public key with HS256.
+    if not key_matches_alg(key, alg):
+        raise JwtError("unknown_kid", "no key is known for the token's key id and algorithm")
+    try:
+        valid = _ALGORITHMS[alg].verify(jws.signing_input, key, jws.signature)
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise JwtError("bad_signature", "the token's signature is not valid")
+
+
+async def verify_compact(token: str, keys: KeySource, algorithms: Collection[str]) -> CompactJws:
+    """Parse and verify a compact JWS; the claims are not looked at."""
+    jws = parse_compact(token)
+    await verify_signature(jws, keys, algorithms)
+    return jws
+
+
+def _b64(segment: str) -> bytes:
+    try:
+        return b64url_decode_strict(segment)
+    except ValueError:
+        raise JwtError("malformed_token", "the token is not valid base64url") from None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which duplicate wins; a token relying on that is refused.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member")
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; `"exp": Infinity` must not mean "never expires".
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(
+            raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
+        raise JwtError("malformed_token", f"the token {what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise JwtError("malformed_token", f"the token {what} is not a JSON object")
+    return value
+
+
+def _check_header(header: Mapping[str, Any]) -> tuple[str, str | None]:
+    if not _FORBIDDEN_HEADER_PARAMS.isdisjoint(header):
+        raise JwtError("forbidden_header", "the token header may not carry or point to keys")
+    if not _CRITICAL_HEADER_PARAMS.isdisjoint(header):
+        raise JwtError("unsupported_crit", "the token uses header extensions we do not support")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise JwtError("malformed_token", "the token header has no algorithm")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise JwtError("malformed_token", "the token's key id is not a string")
+    return alg, kid
+
+
+# ---------------------------------------------------------------------------------------------
+# JWT layer
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIssuer:
+    """One trusted issuer, compiled from configuration. Construction validates everything."""
+
+    issuer: str
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    keys: KeySource
+    leeway_seconds: int = 60
+    principal_claim: str = "sub"
+    tenant_claim: str | None = "tenant"
+    roles_claim: str | None = "roles"
+    scopes_claim: str | None = "scope"
+    max_token_bytes: int = 8192
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.issuer, str) or not self.issuer:
+            raise ValueError("JWT issuer must be a non-empty string")
+        # Accept any collection from config code, but a bare string would split into letters.
+        object.__setattr__(self, "audiences", _string_set(self.audiences, "audiences"))
+        object.__setattr__(self, "algorithms", _string_set(self.algorithms, "algorithms"))
+        self._check_algorithms()
+        leeway = self.leeway_seconds
+        if isinstance(leeway, bool) or not isinstance(leeway, int):
+            raise ValueError(f"issuer {self.issuer}: leeway_seconds must be an integer")
+        if not 0 <= leeway <= MAX_LEEWAY_SECONDS:
+            raise ValueError(
+                f"issuer {self.issuer}: leeway_seconds must be 0..{MAX_LEEWAY_SECONDS}, "
+                f"got {leeway}"
+            )
+        if isinstance(self.max_token_bytes, bool) or not isinstance(self.max_token_bytes, int):
+            raise ValueError(f"issuer {self.issuer}: max_token_bytes must be an integer")
+        if self.max_token_bytes < 1:
+            raise ValueError(f"issuer {self.issuer}: max_token_bytes must be positive")
+        if not isinstance(self.principal_claim, str) or not self.principal_claim:
+            raise ValueError(f"issuer {self.issuer}: principal_claim must be a non-empty string")
+        for name in ("tenant_claim", "roles_claim", "scopes_claim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"issuer {self.issuer}: {name} must be a non-empty string")
+
+    def _check_algorithms(self) -> None:
+        unsupported = self.algorithms - SUPPORTED_ALGORITHMS
+        if unsupported:
+            raise ValueError(
+                f"issuer {self.issuer}: unsupported JWT algorithm(s) {sorted(unsupported)}; "
+                f"supported: {sorted(SUPPORTED_ALGORITHMS)}"
+            )
+        symmetric = isinstance(self.keys, HmacSecret)
+        # One issuer is either HS256 with a secret or asymmetric with public keys, never both:
+        # mixing them is what makes algorithm-confusion attacks possible.
+        if "HS256" in self.algorithms and not symmetric:
+            raise ValueError(f"issuer {self.issuer}: HS256 needs an HmacSecret key source")
+        if symmetric and self.algorithms != {"HS256"}:
+            raise ValueError(f"issuer {self.issuer}: an HmacSecret can only verify HS256")
+
+
+def _string_set(value: object, what: str) -> frozenset[str]:
+    if isinstance(value, str | bytes) or not isinstance(value, Collection):
+        raise ValueError(f"JWT issuer {what} must be a collection of strings")
+    result = frozenset(value)
+    if not result or not all(isinstance(item, str) and item for item in result):
+        raise ValueError(f"JWT issuer {what} must be a non-empty set of non-empty strings")
+    return result
+
+
+class _OutcomeCache:
+    """Bounded map from token digest to outcome, each entry with its own expiry.
+
+    Insertion-ordered dict: when full, the oldest entry goes. No LRU bookkeeping, so a hit
+    is one dict lookup and one comparison.
+    """
+
+    __slots__ = ("_capacity", "_entries")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: dict[bytes, tuple[float, Identity | AuthnFailure]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float) -> Identity | AuthnFailure | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry[0]:
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: bytes, outcome: Identity | AuthnFailure, until: float, now: float) -> None:
+        if until <= now or self._capacity <= 0:
+            return
+        entries = self._entries
+        if key in entries:
+            del entries[key]
+        elif len(entries) >= self._capacity:
+            del entries[next(iter(entries))]
+        entries[key] = (until, outcome)
+
+
+class JwtAuthenticator:
+    """Authenticates `Authorization: Bearer <JWT>` against the configured issuers."""
+
+    def __init__(
+        self,
+        issuers: Sequence[JwtIssuer],
+        *,
+        cache_size: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not issuers:
+            raise ValueError("JwtAuthenticator needs at least one issuer")
+        self._issuers: dict[str, JwtIssuer] = {}
+        for issuer in issuers:
+            if issuer.issuer in self._issuers:
+                raise ValueError(f"JWT issuer {issuer.issuer} is configured twice")
+            self._issuers[issuer.issuer] = issuer
+        # Before the issuer is known only the most generous limit can be applied.
+        self._max_token_bytes = max(issuer.max_token_bytes for issuer in issuers)
+        self._clock = clock
+        self._verified = _OutcomeCache(cache_size)
+        # Separate and smaller, so a flood of garbage tokens cannot evict verified identities.
+        self._rejected = _OutcomeCache(max(1, cache_size // 10))
+
+    @property
+    def method(self) -> AuthMethod:
+        return "jwt"
+
+    async def authenticate(self, headers: Mapping[str, str]) -> AuthnOutcome:
+        token = bearer_token(headers)
+        if token is None:
+            return None
+        now = self._clock()
+        if len(token) > self._max_token_bytes:
+            # Not decoded, not hashed: the shape check is a linear scan, nothing more.
+            if _JWT_SHAPE.fullmatch(token) is None:
+                return None
+            return _failure("token_too_large", "the token is larger than allowed")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._verified.get(digest, now) or self._rejected.get(digest, now)
+        if cached is not None:
+            return cached
+        if _JWT_SHAPE.fullmatch(token) is None:
+            return None  # not a JWT: maybe an API key, for another method to judge
+        outcome = await self._verify(token, now)
+        self._remember(digest, outcome, now)
+        return outcome
+
+    async def warm(self) -> bool:
+        """Prefetch every issuer's keys; True when all of them have keys."""
+        results = await asyncio.gather(*(source.warm() for source in self._key_sources()))
+        return all(results)
+
+    async def aclose(self) -> None:
+        for source in self._key_sources():
+            await source.aclose()
+
+    def cache_size(self) -> int:
+        return len(self._verified)
+
+    def _key_sources(self) -> list[KeySource]:
+        unique: dict[int, KeySource] = {}
+        for issuer in self._issuers.values():
+            unique.setdefault(id(issuer.keys), issuer.keys)
+        return list(unique.values())
+
+    def _remember(self, digest: bytes, outcome: Identity | AuthnFailure, now: float) -> None:
+        if isinstance(outcome, Identity):
+            # Served from cache only while the token itself is valid: never past `exp`.
+            assert outcome.expires_at is not None
+            self._verified.put(digest, outcome, outcome.expires_at, now)
+        elif outcome.reason not in _UNCACHEABLE_REASONS:
+            self._rejected.put(digest, outcome, now + NEGATIVE_CACHE_SECONDS, now)
+
+    async def _verify(self, token: str, now: float) -> Identity | AuthnFailure:
+        try:
+            jws = parse_compact(token)
+            claims = _json_object(jws.payload, "payload")
+            # Unverified read, used only to choose whose keys and rules apply.
+            issuer = self._select_issuer(claims)
+            if len(token) > issuer.max_token_bytes:
+                raise JwtError("token_too_large", "the token is larger than allowed")
+            await verify_signature(jws, issuer.keys, issuer.algorithms)
+            # From here on `claims` are verified: the signature covers these exact bytes.
+            return _identity(issuer, claims, now)
+        except JwtError as exc:
+            return _failure(exc.reason, exc.detail)
+
+    def _select_issuer(self, claims: Mapping[str, Any]) -> JwtIssuer:
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            raise JwtError("missing_claim", "the token has no issuer")
+        issuer = self._issuers.get(iss)
+        if issuer is None:
+            raise JwtError("unknown_issuer", "the token's issuer is not trusted")
+        return issuer
+
+
+def _failure(reason: str, detail: str) -> AuthnFailure:
+    return AuthnFailure(method="jwt", reason=reason, detail=detail)
+
+
+def _identity(issuer: JwtIssuer, claims: dict[str, Any], now: float) -> Identity:
+    exp = _check_times(claims, issuer.leeway_seconds, now)
+    _check_audience(claims, issuer.audiences)
+    principal = claims.get(issuer.principal_claim)
+    if not isinstance(principal, str) or not principal:
+        raise JwtError("missing_claim", "the token does not name its subject")
+    return Identity(
+        principal=principal,
+        method="jwt",
+        tenant=_tenant(claims, issuer.tenant_claim),
+        roles=_claim_set(claims, issuer.roles_claim),
+        scopes=_claim_set(claims, issuer.scopes_claim),
+        claims=MappingProxyType(claims),
+        credential_header="authorization",
+        expires_at=exp,
+        credential_id=issuer.issuer,
+    )
+
+
+def _check_times(claims: Mapping[str, Any], leeway: int, now: float) -> float:
+    """Check exp, nbf and iat; returns exp."""
+    exp = _numeric_claim(claims, "exp")
+    if exp is None:
+        raise JwtError("missing_claim", "the token has no expiry")
+    if now >= exp + leeway:
+        raise JwtError("token_expired", "the token has expired")
+    nbf = _numeric_claim(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise JwtError("token_not_yet_valid", "the token is not valid yet")
+    iat = _numeric_claim(claims, "iat")
+    if iat is not None and iat > now + leeway:
+        raise JwtError("token_not_yet_valid", "the token was issued in the future")
+    return exp
+
+
+def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; `"exp": true` is not a time.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise JwtError("invalid_claim", f"the token's {name} is not a NumericDate")
+    return float(value)
+
+
+def _check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> None:
+    aud = claims.get("aud")
+    if aud is None:
+        raise JwtError("missing_claim", "the token has no audience")
+    if isinstance(aud, str):
+        accepted = aud in audiences
+    elif isinstance(aud, list) and all(isinstance(item, str) for item in aud):
+        accepted = not audiences.isdisjoint(aud)
+    else:
+        raise JwtError("invalid_claim", "the token's audience is not a string or list of strings")
+    if not accepted:
+        raise JwtError("wrong_audience", "the token is not meant for this service")
+
+
+def _tenant(claims: Mapping[str, Any], name: str | None) -> str | None:
+    if name is None or claims.get(name) is None:
+        return None
+    tenant = claims[name]
+    if not isinstance(tenant, str) or not tenant:
+        # A tenant that is a number or empty would compare unpredictably in authorization.
+        raise JwtError("invalid_claim", "the token's tenant is not a non-empty string")
+    return tenant
+
+
+def _claim_set(claims: Mapping[str, Any], name: str | None) -> frozenset[str]:
+    """Roles or scopes: a space-separated string (RFC 8693 `scope`) or a list of strings."""
+    if name is None or claims.get(name) is None:
+        return frozenset()
+    value = claims[name]
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return frozenset(value)
+    raise JwtError("invalid_claim", f"the token's {name} claim is not a string or list of strings")

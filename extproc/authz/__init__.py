@@ -1,0 +1,1 @@
+"""Authorization: every applicable rule must pass."""

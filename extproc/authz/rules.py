@@ -1,0 +1,93 @@
+"""Compiled authorization rules: frozen sets built once per load, checked per request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.authn.base import Identity
+from extproc.policy.schema import ClaimValue, Rule
+
+
+def _frozen(values: Iterable[str] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(values)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    name: str
+    versions: frozenset[str] | None
+    principals: frozenset[str] | None
+    tenants: frozenset[str] | None
+    auth_methods: frozenset[str] | None
+    roles_any: frozenset[str] | None
+    roles_all: frozenset[str] | None
+    scopes_any: frozenset[str] | None
+    scopes_all: frozenset[str] | None
+    claims: tuple[tuple[str, tuple[Any, ...]], ...]
+
+    def applies_to(self, version: str) -> bool:
+        return self.versions is None or version in self.versions
+
+    def failed_condition(self, identity: Identity) -> str | None:
+        """The first condition this identity fails, or None when the rule passes."""
+        if self.principals is not None and identity.principal not in self.principals:
+            return "principals"
+        if self.tenants is not None and identity.tenant not in self.tenants:
+            return "tenants"
+        if self.auth_methods is not None and identity.method not in self.auth_methods:
+            return "auth_methods"
+        if self.roles_any is not None and self.roles_any.isdisjoint(identity.roles):
+            return "roles_any"
+        if self.roles_all is not None and not self.roles_all <= identity.roles:
+            return "roles_all"
+        if self.scopes_any is not None and self.scopes_any.isdisjoint(identity.scopes):
+            return "scopes_any"
+        if self.scopes_all is not None and not self.scopes_all <= identity.scopes:
+            return "scopes_all"
+        for claim, allowed in self.claims:
+            if not _claim_matches(identity.claims.get(claim, _MISSING), allowed):
+                return f"claims.{claim}"
+        return None
+
+
+_MISSING = object()
+
+
+def _claim_matches(actual: Any, allowed: tuple[Any, ...]) -> bool:
+    if actual is _MISSING:
+        return False
+    # bool is an int in Python: compare types too, so `true` never matches `1`.
+    return any(type(actual) is type(a) and actual == a for a in allowed)
+
+
+def _claim_values(value: ClaimValue) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+def compile_rule(rule: Rule) -> CompiledRule:
+    return CompiledRule(
+        name=rule.name,
+        versions=_frozen(rule.versions),
+        principals=_frozen(rule.principals),
+        tenants=_frozen(rule.tenants),
+        auth_methods=_frozen(rule.auth_methods),
+        roles_any=_frozen(rule.roles_any),
+        roles_all=_frozen(rule.roles_all),
+        scopes_any=_frozen(rule.scopes_any),
+        scopes_all=_frozen(rule.scopes_all),
+        claims=tuple((k, _claim_values(v)) for k, v in sorted((rule.claims or {}).items())),
+    )
+
+
+def first_failure(
+    rules: tuple[CompiledRule, ...], identity: Identity, version: str
+) -> tuple[str, str] | None:
+    """(rule name, condition) of the first applicable rule that fails, or None: all pass."""
+    for rule in rules:
+        if rule.applies_to(version):
+            failed = rule.failed_condition(identity)
+            if failed is not None:
+                return rule.name, failed
+    return None

@@ -1,0 +1,1 @@
+"""Demo model pods: small real HTTP servers that stand in for model endpoints behind Envoy."""

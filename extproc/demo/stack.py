@@ -1,0 +1,259 @@
+"""The whole gateway on one machine: demo pods, the decision server and Envoy.
+
+One implementation for `make run` (fixed ports) and the integration tests (free ports). Every
+process is a child of this one and is stopped by PID, also when startup fails half way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import httpx
+
+from extproc.authn.apikey import create_key
+from extproc.demo.issuer import DemoIssuer, ensure_demo_issuer
+from extproc.envoyconf import EnvoyValues, write_config
+from extproc.tls import DevPki, ensure_dev_pki, pki_paths
+
+Mode = Literal["ext_proc", "ext_authz"]
+PODS = (("chat", "demo-chat", "v1"), ("chat", "demo-chat", "v2"), ("oip", "iris", "v1"))
+READY_TIMEOUT_SECONDS = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    raise FileNotFoundError("envoy not found next to the Python interpreter; run `make` first")
+
+
+@dataclass
+class StackConfig:
+    run_dir: Path
+    policy_dir: Path
+    mode: Mode = "ext_proc"
+    listen_port: int = 0  # 0: pick a free port
+    admin_port: int = 0
+    decision_port: int = 0
+    pod_ports: dict[str, int] = field(default_factory=dict)  # "chat-v1" -> port
+    workers: int = 1
+    envoy_concurrency: int = 2
+    ext_timeout_ms: int = 1000
+    log_level: str = "WARNING"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self.log.close()
+        return self.popen.returncode
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self.procs: dict[str, Proc] = {}
+        self.pod_ports: dict[str, int] = {}
+        self.pki: DevPki | None = None
+        self.issuer: DemoIssuer | None = None
+        self.api_keys_file = self.run_dir / "api-keys.json"
+        self.listen_port = config.listen_port or free_port()
+        self.admin_port = config.admin_port or free_port()
+        self.decision_port = config.decision_port or free_port()
+        self.access_log = (self.run_dir / "logs" / "envoy-access.log").resolve()
+        self.envoy_config = self.run_dir / f"envoy-{config.mode}.yaml"
+        for kind, _model, version in PODS:
+            key = f"{kind}-{version}"
+            self.pod_ports[key] = config.pod_ports.get(key) or free_port()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        try:
+            self.prepare()
+            self._start_pods()
+            self.start_decision_server()
+            self._start_envoy()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.procs.pop(name).stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- parts -------------------------------------------------------------------------------
+
+    @property
+    def gateway_url(self) -> str:
+        return f"https://127.0.0.1:{self.listen_port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        assert self.pki is not None
+        return self.pki.ca_cert
+
+    def pod_url(self, pod: str) -> str:
+        return f"http://127.0.0.1:{self.pod_ports[pod]}"
+
+    def prepare(self) -> None:
+        """Files only, no processes: PKI, demo issuer, Envoy config (docker-compose uses this)."""
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.pki = ensure_dev_pki(self.run_dir / "pki")
+        self.issuer = ensure_demo_issuer(self.run_dir / "demo")
+        write_config(self.config.mode, self.envoy_values(), self.envoy_config)
+
+    def create_api_key(self, principal: str, tenant: str | None, roles: list[str]) -> str:
+        key, _record = create_key(self.api_keys_file, principal, tenant=tenant, roles=roles)
+        return key
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - closed in Proc.stop
+        popen = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        proc = Proc(name, popen, log_path, log)
+        self.procs[name] = proc
+        return proc
+
+    def _start_pods(self) -> None:
+        for kind, model, version in PODS:
+            key = f"{kind}-{version}"
+            self._spawn(f"pod-{key}", self.pod_argv(kind, model, version))
+
+    def decision_server_argv(self) -> list[str]:
+        pki = pki_paths(self.run_dir / "pki")  # relative when run_dir is: docker-compose runs it
+        return [
+            sys.executable, "-m", "extproc", "serve",
+            "--listen", f"127.0.0.1:{self.decision_port}",
+            "--policies", str(self.config.policy_dir),
+            "--api-keys", str(self.api_keys_file),
+            "--workers", str(self.config.workers),
+            "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key),
+            "--tls-client-ca", str(pki.ca_cert),
+            "--log-level", self.config.log_level,
+            "--grace-seconds", "5",
+        ]  # fmt: skip
+
+    def start_decision_server(self) -> None:
+        self._spawn("decision-server", self.decision_server_argv(), self.config.env)
+        self._wait_port(self.decision_port, "decision-server")
+
+    def stop_decision_server(self) -> int | None:
+        proc = self.procs.pop("decision-server", None)
+        return proc.stop() if proc else None
+
+    def envoy_values(self) -> EnvoyValues:
+        assert self.pki is not None
+        return EnvoyValues(
+            listen_address="127.0.0.1",
+            listen_port=self.listen_port,
+            admin_port=self.admin_port,
+            decision_host="127.0.0.1",
+            decision_port=self.decision_port,
+            sds_dir=self.pki.sds_dir.resolve(),
+            access_log_path=self.access_log,
+            chat_v1_port=self.pod_ports["chat-v1"],
+            chat_v2_port=self.pod_ports["chat-v2"],
+            oip_v1_port=self.pod_ports["oip-v1"],
+            ext_timeout_ms=self.config.ext_timeout_ms,
+        )
+
+    def pod_argv(self, kind: str, model: str, version: str) -> list[str]:
+        port = self.pod_ports[f"{kind}-{version}"]
+        return [sys.executable, "-m", "extproc.demo.pods", "--kind", kind, "--port", str(port),
+                "--name", model, "--version", version]  # fmt: skip
+
+    def envoy_argv(self) -> list[str]:
+        return [envoy_binary(), "-c", str(self.envoy_config.resolve()),
+                "--concurrency", str(self.config.envoy_concurrency),
+                "--use-dynamic-base-id", "-l", "warning", "--drain-time-s", "1",
+                "--file-flush-interval-msec", "100"]  # fmt: skip
+
+    def _start_envoy(self) -> None:
+        self._spawn("envoy", self.envoy_argv())
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}"
+                )
+
+    def _wait_port(self, port: int, name: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} did not listen on {port} in {READY_TIMEOUT_SECONDS} s")
+
+    def wait_ready(self) -> None:
+        """Ready when an unauthenticated request through Envoy gets the decision server's 401."""
+        for port in self.pod_ports.values():
+            self._wait_port(port, "pod")
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        last = ""
+        with httpx.Client(verify=context, timeout=2) as client:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    status = client.get(f"{self.gateway_url}/v2/models/iris").status_code
+                except httpx.HTTPError as exc:
+                    last = str(exc)
+                else:
+                    if status == 401:
+                        return
+                    last = f"HTTP {status}"
+                time.sleep(0.1)
+        raise TimeoutError(f"gateway not ready in {READY_TIMEOUT_SECONDS} s (last: {last})")

@@ -1,0 +1,1 @@
+"""The decision core: typed request context, the numbered phases, and their results."""

@@ -1,0 +1,104 @@
+"""Decisions are values: the pipeline returns one of these, it never raises to deny."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+from extproc.authn.base import Identity
+from extproc.policy.compiled import RouteEntry
+
+Phase = Literal["route", "authenticate", "authorize", "admit", "inspect", "internal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """A refusal. `code` and `message` are shown to the client; `reason` goes to audit only."""
+
+    status: int
+    code: str
+    message: str
+    phase: Phase
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def json_body(self, decision_id: str) -> bytes:
+        return orjson.dumps(
+            {"error": {"code": self.code, "message": self.message, "decision_id": decision_id}}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Admitted: who the caller is and which model version (and Envoy cluster) serves it."""
+
+    identity: Identity
+    policy: str
+    model: str
+    version: str
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedBody:
+    """Authenticated, but the model is named in the body: decide again when it arrives."""
+
+    identity: Identity
+    route: RouteEntry
+
+
+Decision = Allow | Deny
+HeadersDecision = Allow | Deny | NeedBody
+
+
+def unauthenticated(reason: str, detail: str, realm: str = "models") -> Deny:
+    # RFC 6750 section 3: error="invalid_token" only when a token was presented.
+    challenge = f'Bearer realm="{realm}"'
+    if reason != "missing_credentials":
+        challenge += ', error="invalid_token"'
+    return Deny(
+        status=401,
+        code="unauthenticated",
+        message=detail,
+        phase="authenticate",
+        reason=reason,
+        headers=(("www-authenticate", challenge),),
+    )
+
+
+def forbidden(reason: str) -> Deny:
+    return Deny(
+        status=403,
+        code="forbidden",
+        message="the caller is not allowed to use this model",
+        phase="authorize",
+        reason=reason,
+    )
+
+
+def no_route(reason: str = "no_policy") -> Deny:
+    return Deny(
+        status=404,
+        code="not_found",
+        message="no model is served at this path",
+        phase="route",
+        reason=reason,
+    )
+
+
+def bad_request(code: str, message: str, reason: str, phase: Phase = "route") -> Deny:
+    return Deny(status=400, code=code, message=message, phase=phase, reason=reason)
+
+
+def internal_error(reason: str) -> Deny:
+    # A fault fails closed; the client learns nothing about it beyond the decision id.
+    return Deny(
+        status=503,
+        code="unavailable",
+        message="the request could not be authorized; try again later",
+        phase="internal",
+        reason=reason,
+        headers=(("retry-after", "1"),),
+    )

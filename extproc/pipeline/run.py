@@ -1,0 +1,143 @@
+"""The decision core: the numbered phases of DESIGN.md, written once for every transport.
+
+1. route        which policy owns the request (host, path; the body's model on shared paths)
+2. authenticate the first accepted method that succeeds wins; none -> 401
+3. authorize    every applicable rule passes -> else 403; picks the version and its cluster
+Later phases (admit, inspect, respond, record) plug in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Protocol
+
+import orjson
+
+from extproc.authn.base import Authenticator, AuthnFailure, Identity
+from extproc.authz.rules import first_failure
+from extproc.pipeline.context import RequestContext
+from extproc.pipeline.decision import (
+    Allow,
+    Decision,
+    Deny,
+    HeadersDecision,
+    NeedBody,
+    bad_request,
+    forbidden,
+    internal_error,
+    no_route,
+    unauthenticated,
+)
+from extproc.policy.compiled import CompiledPolicy, PolicySet
+
+log = logging.getLogger(__name__)
+
+VERSION_HEADER = "x-model-version"
+MAX_MODEL_NAME = 256
+
+
+class PolicySource(Protocol):
+    @property
+    def current(self) -> PolicySet: ...
+
+
+class DecisionCore:
+    def __init__(self, policies: PolicySource) -> None:
+        self._policies = policies
+
+    async def on_headers(self, ctx: RequestContext) -> HeadersDecision:
+        try:
+            return await self._on_headers(ctx)
+        except Exception:  # a fault fails closed
+            log.exception("decision %s failed at request headers", ctx.decision_id)
+            return internal_error("exception_at_headers")
+
+    async def on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
+        try:
+            return self._on_body(ctx, pending, body)
+        except Exception:
+            log.exception("decision %s failed at request body", ctx.decision_id)
+            return internal_error("exception_at_body")
+
+    async def decide(self, ctx: RequestContext) -> Decision:
+        """Both steps at once, for transports that deliver headers and body together."""
+        first = await self.on_headers(ctx)
+        if isinstance(first, NeedBody):
+            return await self.on_body(ctx, first, ctx.body or b"")
+        return first
+
+    async def _on_headers(self, ctx: RequestContext) -> HeadersDecision:
+        route = self._policies.current.match(ctx.host, ctx.path)
+        if route is None:
+            return no_route()
+        if route.methods is not None and ctx.method not in route.methods:
+            return Deny(405, "method_not_allowed", "method not allowed here", "route",
+                        "method", (("allow", ", ".join(sorted(route.methods))),))  # fmt: skip
+        authenticators = route.owner.authenticators if route.owner else route.authenticators
+        identity = await authenticate(authenticators, ctx.headers)
+        if isinstance(identity, Deny):
+            return identity
+        if route.owner is None:
+            return NeedBody(identity, route)
+        return authorize(route.owner, identity, ctx.headers)
+
+    def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
+        model = body_model(body)
+        if isinstance(model, Deny):
+            return model
+        policy = pending.route.by_model.get(model)
+        if policy is None:
+            return Deny(404, "model_not_found", "no such model", "route", "unknown_body_model")
+        if not policy.accepts(pending.identity):
+            return unauthenticated(
+                "method_not_accepted", "this credential is not accepted for this model"
+            )
+        return authorize(policy, pending.identity, ctx.headers)
+
+
+async def authenticate(
+    authenticators: tuple[Authenticator, ...], headers: Mapping[str, str]
+) -> Identity | Deny:
+    failure: AuthnFailure | None = None
+    for authenticator in authenticators:
+        outcome = await authenticator.authenticate(headers)
+        if isinstance(outcome, Identity):
+            return outcome
+        if outcome is not None and failure is None:
+            failure = outcome
+    if failure is not None:
+        return unauthenticated(f"{failure.method}:{failure.reason}", failure.detail)
+    if "authorization" in headers:
+        # Presented, but of no kind this route accepts: still an invalid token (RFC 6750).
+        return unauthenticated("unrecognized_credentials", "the credential is not valid")
+    return unauthenticated("missing_credentials", "credentials are required")
+
+
+def authorize(policy: CompiledPolicy, identity: Identity, headers: Mapping[str, str]) -> Decision:
+    version = headers.get(VERSION_HEADER) or policy.default_version
+    cluster = policy.versions.get(version)
+    if cluster is None:
+        return bad_request(
+            "unknown_version", "the requested model version does not exist", "unknown_version",
+            phase="authorize",
+        )  # fmt: skip
+    failed = first_failure(policy.rules, identity, version)
+    if failed is not None:
+        rule, condition = failed
+        return forbidden(f"rule {rule!r} failed on {condition}")
+    return Allow(identity, policy.model, policy.model, version, cluster)
+
+
+def body_model(body: bytes) -> str | Deny:
+    """The JSON body's top-level `model` field: the one authoritative model name."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return bad_request("invalid_json", "the request body is not valid JSON", "invalid_json")
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME:
+        return bad_request(
+            "model_required", "the request body must name a model in `model`", "no_body_model"
+        )
+    return model

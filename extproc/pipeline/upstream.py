@@ -1,0 +1,73 @@
+"""Headers the decision server owns on the way upstream: one implementation for both adapters.
+
+Every header here is set with overwrite or removed, so a client-supplied copy never survives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from extproc.pipeline.decision import Allow
+
+PRINCIPAL = "x-gateway-principal"
+TENANT = "x-gateway-tenant"
+DECISION_ID = "x-gateway-decision-id"
+MODEL = "x-gateway-model"
+VERSION = "x-gateway-version"
+# Envoy's route uses `cluster_header` on this one to pick the model version's cluster.
+CLUSTER = "x-gateway-cluster"
+AUTH_METHOD = "x-gateway-auth-method"
+
+# Which worker process decided: lets operators (and tests) see load spread over workers.
+WORKER = str(os.getpid())
+
+OWNED_HEADERS: tuple[str, ...] = (
+    PRINCIPAL,
+    TENANT,
+    DECISION_ID,
+    MODEL,
+    VERSION,
+    CLUSTER,
+    AUTH_METHOD,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    set: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+
+
+def allow_mutation(allow: Allow, decision_id: str) -> HeaderMutation:
+    values = {
+        PRINCIPAL: allow.identity.principal,
+        DECISION_ID: decision_id,
+        MODEL: allow.model,
+        VERSION: allow.version,
+        CLUSTER: allow.cluster,
+        AUTH_METHOD: allow.identity.method,
+    }
+    if allow.identity.tenant is not None:
+        values[TENANT] = allow.identity.tenant
+    remove = [name for name in OWNED_HEADERS if name not in values]
+    # The credential never goes upstream.
+    remove.append(allow.identity.credential_header)
+    return HeaderMutation(set=tuple(values.items()), remove=tuple(remove))
+
+
+def dynamic_metadata(allow: Allow, decision_id: str) -> dict[str, str]:
+    """What Envoy keeps as dynamic metadata: a channel clients cannot write."""
+    meta = {
+        "decision_id": decision_id,
+        "principal": allow.identity.principal,
+        "auth_method": allow.identity.method,
+        "policy": allow.policy,
+        "model": allow.model,
+        "version": allow.version,
+        "cluster": allow.cluster,
+        "worker": WORKER,
+    }
+    if allow.identity.tenant is not None:
+        meta["tenant"] = allow.identity.tenant
+    return meta

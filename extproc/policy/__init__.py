@@ -1,0 +1,1 @@
+"""Policies: what model owners write (schema), its frozen runtime form (compile), and the store."""

@@ -1,0 +1,201 @@
+"""Schema -> runtime form. Runs once per load; shares key sources and authenticators."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extproc.authn.apikey import ApiKeyAuthenticator, ApiKeyStore
+from extproc.authn.base import Authenticator
+from extproc.authn.jwks import HmacSecret, KeySource, RemoteJwks, StaticJwks
+from extproc.authn.jwt import JwtAuthenticator, JwtIssuer
+from extproc.authz.rules import compile_rule
+from extproc.policy.compiled import CompiledPolicy, PolicySet, RouteEntry
+from extproc.policy.load import PolicyError, PolicyFile, PolicyLoadError
+from extproc.policy.schema import ApiKeyMethod, JwtMethod, Policy
+
+
+@dataclass
+class CompileResources:
+    """What compiled policies share across one load (and across reloads, for key sources)."""
+
+    api_keys: ApiKeyStore
+    environ: Mapping[str, str]
+    key_sources: dict[str, KeySource] = field(default_factory=dict)
+    # Authenticators are shared between policies with the same config, so their token caches are.
+    _authenticators: dict[object, Authenticator] = field(default_factory=dict)
+
+    def key_source(self, method: JwtMethod, policy_dir: Path) -> KeySource:
+        if method.jwks_file:
+            path = (policy_dir / method.jwks_file).resolve()
+            key = f"file:{path}"
+            if key not in self.key_sources:
+                self.key_sources[key] = StaticJwks.from_file(path)
+            return self.key_sources[key]
+        if method.jwks_url:
+            key = f"url:{method.jwks_url}"
+            if key not in self.key_sources:
+                self.key_sources[key] = RemoteJwks(
+                    str(method.jwks_url), ttl_seconds=method.jwks_ttl_seconds
+                )
+            return self.key_sources[key]
+        env_name = method.hs256_secret_env or ""
+        secret = self.environ.get(env_name, "").encode()
+        if not secret:
+            raise ValueError(f"environment variable {env_name} is not set")
+        return HmacSecret(secret)
+
+    def shared(self, key: object, build: Callable[[], Authenticator]) -> Authenticator:
+        found = self._authenticators.get(key)
+        if found is None:
+            found = build()
+            self._authenticators[key] = found
+        return found
+
+
+def _jwt_issuer(method: JwtMethod, keys: KeySource) -> JwtIssuer:
+    return JwtIssuer(
+        issuer=method.issuer,
+        audiences=frozenset(method.audiences),
+        algorithms=frozenset(method.algorithms),
+        keys=keys,
+        leeway_seconds=method.leeway_seconds,
+        principal_claim=method.claims.principal,
+        tenant_claim=method.claims.tenant,
+        roles_claim=method.claims.roles,
+        scopes_claim=method.claims.scopes,
+    )
+
+
+def _authenticators(
+    policy: Policy, policy_dir: Path, res: CompileResources
+) -> tuple[Authenticator, ...]:
+    jwt_methods = [m.jwt for m in policy.authentication if m.jwt is not None]
+    key_methods = [m.api_key for m in policy.authentication if m.api_key is not None]
+    out: list[Authenticator] = []
+    if jwt_methods:
+        issuers = tuple(_jwt_issuer(m, res.key_source(m, policy_dir)) for m in jwt_methods)
+        out.append(res.shared(("jwt", issuers), lambda: JwtAuthenticator(issuers)))
+    if key_methods:
+        header = _one_header(key_methods)
+        out.append(
+            res.shared(
+                ("api_key", header), lambda: ApiKeyAuthenticator(res.api_keys, header=header)
+            )
+        )
+    return tuple(out)
+
+
+def _one_header(methods: list[ApiKeyMethod]) -> str | None:
+    headers = {m.header for m in methods}
+    if len(headers) > 1:
+        raise ValueError("list api_key once; it accepts one extra header")
+    return headers.pop()
+
+
+def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
+    policy = pf.policy
+    jwt_issuers = frozenset(m.jwt.issuer for m in policy.authentication if m.jwt is not None)
+    return CompiledPolicy(
+        model=policy.model,
+        names=frozenset([policy.model, *policy.aliases]),
+        file=str(pf.path),
+        versions={v.name: v.cluster for v in policy.versions},
+        default_version=policy.default_version().name,
+        authenticators=_authenticators(policy, pf.path.parent, res),
+        jwt_issuers=jwt_issuers,
+        accepts_api_keys=any(m.api_key is not None for m in policy.authentication),
+        rules=tuple(compile_rule(r) for r in policy.authorization.rules),
+        allow_any_authenticated=policy.authorization.allow_any_authenticated,
+    )
+
+
+def _dedupe(items: list[Authenticator]) -> tuple[Authenticator, ...]:
+    out: list[Authenticator] = []
+    for item in items:
+        if all(item is not seen for seen in out):
+            out.append(item)
+    return tuple(out)
+
+
+def _index_routes(
+    files: list[PolicyFile], compiled: list[CompiledPolicy]
+) -> tuple[tuple[RouteEntry, ...], list[PolicyError]]:
+    """Group routes by (host, prefix); one exclusive owner, or body-selected models only."""
+    groups: dict[tuple[str | None, str], list[tuple[PolicyFile, CompiledPolicy, int]]] = {}
+    for pf, cp in zip(files, compiled, strict=True):
+        for i, route in enumerate(pf.policy.routes):
+            groups.setdefault((route.host, route.path_prefix.rstrip("/") or "/"), []).append(
+                (pf, cp, i)
+            )
+    entries: list[RouteEntry] = []
+    errors: list[PolicyError] = []
+    for (host, prefix), owners in groups.items():
+        routes = [pf.policy.routes[i] for pf, _, i in owners]
+        body_selected = [r.select_by_body_model for r in routes]
+        if len(owners) > 1 and not all(body_selected):
+            pf, _, i = owners[1]
+            other = owners[0][0].path
+            errors.append(
+                PolicyError(
+                    str(pf.path),
+                    f"routes[{i}]",
+                    f"path {prefix!r} (host {host or 'any'}) is also owned by {other}; "
+                    "shared paths need select_by_body_model: true in every policy",
+                )
+            )
+            continue
+        methods_sets = [r.methods for r in routes]
+        methods = (
+            None
+            if any(m is None for m in methods_sets)
+            else frozenset(m for ms in methods_sets for m in ms or ())
+        )
+        if all(body_selected):
+            by_model = {name: cp for _, cp, _ in owners for name in cp.names}
+            auths = _dedupe([a for _, cp, _ in owners for a in cp.authenticators])
+            entries.append(RouteEntry(prefix, host, methods, None, by_model, auths))
+        else:
+            entries.append(RouteEntry(prefix, host, methods, owners[0][1]))
+    # Host-specific before any-host, then longest prefix first.
+    entries.sort(key=lambda e: (e.host is None, -len(e.prefix)))
+    return tuple(entries), errors
+
+
+def _name_clashes(compiled: list[CompiledPolicy]) -> list[PolicyError]:
+    seen: dict[str, str] = {}
+    errors = []
+    for cp in compiled:
+        for name in sorted(cp.names):
+            if name in seen:
+                errors.append(
+                    PolicyError(
+                        cp.file, "model", f"model name {name!r} is also used by {seen[name]}"
+                    )
+                )
+            seen[name] = cp.file
+    return errors
+
+
+def compile_policy_set(files: list[PolicyFile], res: CompileResources) -> PolicySet:
+    compiled: list[CompiledPolicy] = []
+    errors: list[PolicyError] = []
+    for pf in files:
+        try:
+            compiled.append(compile_policy(pf, res))
+        except ValueError as exc:
+            errors.append(PolicyError(str(pf.path), "authentication", str(exc)))
+    if errors:
+        raise PolicyLoadError(errors)
+    errors.extend(_name_clashes(compiled))
+    routes, route_errors = _index_routes(files, compiled)
+    errors.extend(route_errors)
+    if errors:
+        raise PolicyLoadError(errors)
+    revision = hashlib.sha256("".join(pf.digest for pf in files).encode()).hexdigest()[:16]
+    return PolicySet(
+        revision=revision, policies=tuple(compiled), routes=routes, loaded_at=time.time()
+    )

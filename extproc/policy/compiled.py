@@ -1,0 +1,66 @@
+"""The runtime form of policies: frozen, built once per load, nothing parsed per request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extproc.authn.base import Authenticator, Identity
+from extproc.authz.rules import CompiledRule
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    model: str
+    names: frozenset[str]  # the model and its aliases, as clients may write them
+    file: str
+    versions: Mapping[str, str]  # version name -> Envoy cluster
+    default_version: str
+    authenticators: tuple[Authenticator, ...]
+    jwt_issuers: frozenset[str]
+    accepts_api_keys: bool
+    rules: tuple[CompiledRule, ...]
+    allow_any_authenticated: bool
+
+    def accepts(self, identity: Identity) -> bool:
+        """Whether this policy accepts the method (and JWT issuer) that produced `identity`."""
+        if identity.method == "api_key":
+            return self.accepts_api_keys
+        return identity.credential_id in self.jwt_issuers
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """Requests under one (host, path prefix): owned by one policy, or chosen by body model."""
+
+    prefix: str
+    host: str | None
+    methods: frozenset[str] | None
+    owner: CompiledPolicy | None
+    by_model: Mapping[str, CompiledPolicy] = field(default_factory=dict)
+    # For body-selected routes: every candidate's authenticators, so a caller is authenticated
+    # (and a missing credential refused) before the body is even requested.
+    authenticators: tuple[Authenticator, ...] = ()
+
+    def matches(self, host: str, path: str) -> bool:
+        if self.host is not None and self.host != host:
+            return False
+        prefix = self.prefix
+        if path == prefix or prefix == "/":
+            return True
+        # Whole segments only: /v2/models/iris must not match /v2/models/iris2.
+        return path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    revision: str
+    policies: tuple[CompiledPolicy, ...]
+    routes: tuple[RouteEntry, ...]  # most specific first
+    loaded_at: float
+
+    def match(self, host: str, path: str) -> RouteEntry | None:
+        for entry in self.routes:
+            if entry.matches(host, path):
+                return entry
+        return None

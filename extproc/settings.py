@@ -1,0 +1,81 @@
+"""Process settings: environment variables (EXTPROC_*), overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:9001"
+    policy_dir: Path = Path("policies")
+    api_keys_file: Path = Path(".run/api-keys.json")
+    workers: int = 1
+    # mTLS towards Envoy: all three, or `insecure` set explicitly (benchmarks, local debugging).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def validate(self) -> list[str]:
+        problems = []
+        tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if any(tls) and not all(tls):
+            problems.append("tls_cert, tls_key and tls_client_ca go together")
+        if not any(tls) and not self.insecure:
+            problems.append(
+                "no TLS configured: set EXTPROC_TLS_CERT, EXTPROC_TLS_KEY and "
+                "EXTPROC_TLS_CLIENT_CA (mTLS with Envoy), or EXTPROC_INSECURE=1 explicitly"
+            )
+        if all(tls) and self.insecure:
+            problems.append("insecure cannot be combined with TLS settings")
+        for path in tls:
+            if path is not None and not path.is_file():
+                problems.append(f"{path}: not a file")
+        if not 1 <= self.workers <= 64:
+            problems.append("workers must be between 1 and 64")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append(f"listen must be HOST:PORT, got {self.listen!r}")
+        elif self.workers > 1 and int(port) == 0:
+            problems.append("several workers share one port: give a fixed port, not 0")
+        if self.grace_seconds < 0:
+            problems.append("grace_seconds must be >= 0")
+        return problems
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _convert(kind: Any, raw: str) -> Any:
+    text = str(kind)
+    if "bool" in text:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if "int" in text:
+        return int(raw)
+    if "float" in text:
+        return float(raw)
+    if "Path" in text:
+        return Path(raw) if raw else None
+    return raw
+
+
+def from_env(environ: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
+    """Settings from EXTPROC_<FIELD> variables, then non-None keyword overrides."""
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = environ.get(f"EXTPROC_{f.name.upper()}")
+        if raw is not None:
+            try:
+                values[f.name] = _convert(f.type, raw)
+            except ValueError:
+                raise ValueError(f"EXTPROC_{f.name.upper()}: cannot parse {raw!r}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(Settings(), **values)

@@ -1,0 +1,1 @@
+"""Factories and harnesses shared by the tests (and by policy owners' own tests)."""

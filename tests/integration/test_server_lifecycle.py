@@ -1,0 +1,125 @@
+"""The decision server's life around Envoy: down means refused, workers share load, drains."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc.testing.gateway import Gateway, make_stack
+
+IRIS = "/v2/models/iris/infer"
+IRIS_BODY = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
+                         "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    stack = make_stack(tmp_path_factory.mktemp("workers"), workers=2)
+    gw = Gateway(stack)
+    try:
+        with stack:
+            yield gw
+    finally:
+        gw.close()
+
+
+def _access_log(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_workers_on_one_port_share_the_load(two_workers: Gateway) -> None:
+    gw = two_workers
+    headers = {"authorization": f"Bearer {gw.iris_key}"}
+
+    def burst(_: int) -> list[int]:
+        with httpx.Client(base_url=gw.stack.gateway_url, verify=gw.tls, timeout=10) as client:
+            return [client.post(IRIS, json=IRIS_BODY, headers=headers).status_code
+                    for _ in range(8)]  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        statuses = [s for batch in pool.map(burst, range(64)) for s in batch]
+    assert statuses.count(200) == 512
+    deadline = time.monotonic() + 5
+    workers: set[object] = set()
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.2)
+        workers = {
+            entry["decision"]["worker"]  # type: ignore[index]
+            for entry in _access_log(gw.stack.access_log)
+            if isinstance(entry.get("decision"), dict)
+        }
+    assert len(workers) == 2, workers
+
+
+def test_decision_server_down_means_refused_never_forwarded(two_workers: Gateway) -> None:
+    gw = two_workers
+    gw.clear()
+    headers = {"authorization": f"Bearer {gw.iris_key}"}
+    assert gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 200
+    gw.clear()
+    assert gw.stack.stop_decision_server() == 0  # clean exit on SIGTERM
+    try:
+        for client in (gw.client, gw.h2):
+            for _ in range(5):
+                r = client.post(IRIS, json=IRIS_BODY, headers=headers)
+                assert r.status_code >= 500, r.text
+        assert gw.received_total() == 0
+    finally:
+        gw.stack.start_decision_server()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 200:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("service did not recover after the decision server came back")
+
+
+def test_shutdown_lets_in_flight_streams_finish(two_workers: Gateway) -> None:
+    """SIGTERM while a chat request's ext_proc stream waits for the body: it still completes."""
+    gw = two_workers
+    gw.clear()
+    body = json.dumps(
+        {"model": "demo-chat", "messages": [{"role": "user", "content": "still here"}]}
+    ).encode()
+    body_started = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield body[:10]
+        body_started.set()
+        time.sleep(1.5)
+        yield body[10:]
+
+    result: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        with httpx.Client(base_url=gw.stack.gateway_url, verify=gw.tls, timeout=20) as client:
+            result["r"] = client.post(
+                "/v1/chat/completions",
+                content=slow_body(),
+                headers={"authorization": f"Bearer {gw.chat_key}",
+                         "content-type": "application/json"},
+            )  # fmt: skip
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert body_started.wait(10)
+    time.sleep(0.3)  # the headers message has been answered; the stream is open
+    server = gw.stack.procs["decision-server"]
+    server.popen.send_signal(signal.SIGTERM)
+    sender.join(20)
+    try:
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["choices"][0]["message"]["content"] == "still here"
+        assert server.popen.wait(15) == 0
+    finally:
+        gw.stack.stop_decision_server()
+        gw.stack.start_decision_server()
