@@ -41,7 +41,7 @@ run: proto
 	$(PY) -m extproc.demo.run
 
 bench: proto
-	$(PY) -m extproc.bench
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) .run .mypy_cache .ruff_cache .pytest_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import logging
@@ -341,6 +342,10 @@ class RemoteJwks:
       keys and is retried after the cooldown, not on every request.
     - The body is streamed and counted, so a huge or endless response cannot exhaust memory.
     - Redirects are not followed: the configured URL is the trust anchor.
+    - A request never waits long for the identity provider: once keys are cached, an expired
+      copy keeps serving while one background fetch replaces it; with no keys yet, or for an
+      unknown kid, a request waits at most `request_wait_seconds` (well inside Envoy's
+      per-message timeout) and the fetch goes on without it.
 
     The HTTP client is created lazily inside the running loop; the source belongs to that loop.
     """
@@ -353,6 +358,7 @@ class RemoteJwks:
         refetch_cooldown_seconds: float = 30,
         max_bytes: int = 256 * 1024,
         timeout_seconds: float = 2.0,
+        request_wait_seconds: float = 0.15,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -360,13 +366,14 @@ class RemoteJwks:
             raise ValueError(f"JWKS URL must be http(s): {url!r}")
         if ttl_seconds <= 0 or refetch_cooldown_seconds < 0 or max_bytes <= 0:
             raise ValueError("JWKS ttl and max_bytes must be positive, cooldown non-negative")
-        if timeout_seconds <= 0:
-            raise ValueError("JWKS timeout must be positive")
+        if timeout_seconds <= 0 or request_wait_seconds <= 0:
+            raise ValueError("JWKS timeout and request wait must be positive")
         self.url = url
         self._ttl = ttl_seconds
         self._cooldown = refetch_cooldown_seconds
         self._max_bytes = max_bytes
         self._timeout = timeout_seconds
+        self._request_wait = request_wait_seconds
         self._clock = clock
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -378,10 +385,13 @@ class RemoteJwks:
 
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
         if self._clock() >= self._next_fetch_at:
-            await self._refresh()
+            if self._keys is None:
+                await self._refresh_briefly()
+            else:
+                self._start_fetch()  # stale-while-revalidate: serve the copy we have
         key = self._find(kid, alg)
         if key is None and kid is not None and self._may_refetch_for_unknown_kid():
-            await self._refresh()  # the issuer may have rotated to a key we have not seen
+            await self._refresh_briefly()  # the issuer may have rotated to a key we lack
             key = self._find(kid, alg)
         return key
 
@@ -389,6 +399,11 @@ class RemoteJwks:
         """Fetch now (or join the fetch in flight); True when keys are available."""
         await self._refresh()
         return self._keys is not None
+
+    async def fetch_settled(self) -> None:
+        """Wait for the fetch in flight, if any (a background refresh, say); never starts one."""
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)
 
     async def aclose(self) -> None:
         if self._inflight is not None:
@@ -407,11 +422,19 @@ class RemoteJwks:
         # contain the kid either, and made-up kids must not translate into requests.
         return self._clock() - self._last_fetch_started >= self._cooldown
 
-    async def _refresh(self) -> None:
+    def _start_fetch(self) -> asyncio.Task[None]:
         if self._inflight is None:
             self._inflight = asyncio.get_running_loop().create_task(self._fetch_and_store())
+        return self._inflight
+
+    async def _refresh(self) -> None:
         # shield: one caller giving up (cancelled request) must not cancel everyone's fetch.
-        await asyncio.shield(self._inflight)
+        await asyncio.shield(self._start_fetch())
+
+    async def _refresh_briefly(self) -> None:
+        """Join the fetch for at most request_wait_seconds; it continues in the background."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._start_fetch()), self._request_wait)
 
     async def _fetch_and_store(self) -> None:
         self._last_fetch_started = self._clock()

@@ -320,7 +320,13 @@ async def test_fetches_once_and_caches_for_the_ttl(
     clock.advance(299)
     assert await remote.key_for("a", "RS256") is not None
     assert server.requests == 1
-    clock.advance(2)  # past the TTL
+    clock.advance(2)  # past the TTL: the cached copy serves while one fetch replaces it
+    server.delay = 0.5
+    started = time.monotonic()
+    assert await remote.key_for("a", "RS256") is not None
+    assert time.monotonic() - started < 0.4, "a request waited for the identity provider"
+    await remote.fetch_settled()
+    assert server.requests == 2
     assert await remote.key_for("a", "RS256") is not None
     assert server.requests == 2
 
@@ -379,13 +385,15 @@ async def test_failed_fetch_keeps_the_last_good_keys(
         clock.advance(301)
         started = time.monotonic()
         assert await remote.key_for("a", "RS256") is not None
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 0.25, "a request waited for the identity provider"
+        await remote.fetch_settled()
         assert server.requests == 2
         # The failure is not retried on every request, only after the cooldown.
         assert await remote.key_for("a", "RS256") is not None
         assert server.requests == 2
         clock.advance(31)
         assert await remote.key_for("a", "RS256") is not None
+        await remote.fetch_settled()
         assert server.requests == 3
     finally:
         await remote.aclose()
