@@ -39,6 +39,7 @@ class Allow:
     model: str
     version: str
     cluster: str
+    credential_headers: tuple[str, ...] = ("authorization",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,8 +72,7 @@ class DecisionCore:
         if route is None:
             return no_route()
         if route.methods is not None and ctx.method not in route.methods:
-            return Deny(405, "method_not_allowed", "method not allowed here", "route",
-                        "method", (("allow", ", ".join(sorted(route.methods))),))  # fmt: skip
+            return method_not_allowed(route.methods)
         authenticators = route.owner.authenticators if route.owner else route.authenticators
         identity = await authenticate(authenticators, ctx.headers)
         if isinstance(identity, Deny):
@@ -89,11 +88,20 @@ class DecisionCore:
         policy = pending.route.by_model.get(model)
         if policy is None:
             return Deny(404, "model_not_found", "no such model", "route", "unknown_body_model")
+        methods = pending.route.model_methods.get(model)
+        if methods is not None and ctx.method not in methods:
+            return method_not_allowed(methods)
         if not policy.accepts(pending.identity):
             return unauthenticated(
                 "method_not_accepted", "this credential is not accepted for this model"
             )
         return authorize(policy, pending.identity, ctx.headers)
+
+
+def method_not_allowed(methods: frozenset[str]) -> Deny:
+    allow = ", ".join(sorted(methods))
+    return Deny(405, "method_not_allowed", "method not allowed here", "route", "method",
+                (("allow", allow),))  # fmt: skip
 
 
 async def authenticate(
@@ -126,7 +134,7 @@ def authorize(policy: CompiledPolicy, identity: Identity, headers: Mapping[str, 
     if failed is not None:
         rule, condition = failed
         return forbidden(f"rule {rule!r} failed on {condition}")
-    return Allow(identity, policy.model, policy.model, version, cluster)
+    return Allow(identity, policy.model, policy.model, version, cluster, policy.credential_headers)
 
 
 def body_model(body: bytes) -> str | Deny:

@@ -51,8 +51,10 @@ def allow_mutation(allow: Allow, decision_id: str) -> HeaderMutation:
     if allow.identity.tenant is not None:
         values[TENANT] = allow.identity.tenant
     remove = [name for name in OWNED_HEADERS if name not in values]
-    # The credential never goes upstream.
-    remove.append(allow.identity.credential_header)
+    # No credential goes upstream: neither the one used nor any other the model accepts.
+    remove.extend(h for h in allow.credential_headers if h not in remove)
+    if allow.identity.credential_header not in remove:
+        remove.append(allow.identity.credential_header)
     return HeaderMutation(set=tuple(values.items()), remove=tuple(remove))
 
 

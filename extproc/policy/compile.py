@@ -99,6 +99,9 @@ def _one_header(methods: list[ApiKeyMethod]) -> str | None:
 def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
     policy = pf.policy
     jwt_issuers = frozenset(m.jwt.issuer for m in policy.authentication if m.jwt is not None)
+    key_headers = {
+        m.api_key.header for m in policy.authentication if m.api_key and m.api_key.header
+    }
     return CompiledPolicy(
         model=policy.model,
         names=frozenset([policy.model, *policy.aliases]),
@@ -110,6 +113,7 @@ def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
         accepts_api_keys=any(m.api_key is not None for m in policy.authentication),
         rules=tuple(compile_rule(r) for r in policy.authorization.rules),
         allow_any_authenticated=policy.authorization.allow_any_authenticated,
+        credential_headers=("authorization", *sorted(key_headers)),
     )
 
 
@@ -156,8 +160,13 @@ def _index_routes(
         )
         if all(body_selected):
             by_model = {name: cp for _, cp, _ in owners for name in cp.names}
+            model_methods = {
+                name: None if r.methods is None else frozenset(r.methods)
+                for (_, cp, _), r in zip(owners, routes, strict=True)
+                for name in cp.names
+            }
             auths = _dedupe([a for _, cp, _ in owners for a in cp.authenticators])
-            entries.append(RouteEntry(prefix, host, methods, None, by_model, auths))
+            entries.append(RouteEntry(prefix, host, methods, None, by_model, model_methods, auths))
         else:
             entries.append(RouteEntry(prefix, host, methods, owners[0][1]))
     # Host-specific before any-host, then longest prefix first.

@@ -21,6 +21,9 @@ class CompiledPolicy:
     accepts_api_keys: bool
     rules: tuple[CompiledRule, ...]
     allow_any_authenticated: bool
+    # Every header that can carry a credential for this model: all are removed upstream, not
+    # only the one that authenticated, so a second credential never leaks to the model.
+    credential_headers: tuple[str, ...] = ("authorization",)
 
     def accepts(self, identity: Identity) -> bool:
         """Whether this policy accepts the method (and JWT issuer) that produced `identity`."""
@@ -38,6 +41,8 @@ class RouteEntry:
     methods: frozenset[str] | None
     owner: CompiledPolicy | None
     by_model: Mapping[str, CompiledPolicy] = field(default_factory=dict)
+    # Per model on a shared path: its own methods (None: any), checked once the body names it.
+    model_methods: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
     # For body-selected routes: every candidate's authenticators, so a caller is authenticated
     # (and a missing credential refused) before the body is even requested.
     authenticators: tuple[Authenticator, ...] = ()

@@ -294,3 +294,13 @@ def test_dynamic_metadata_carries_the_decision(gw: Gateway) -> None:
     assert meta["decision_id"] == decision_id
     assert meta["principal"] == "ivan"
     assert meta["model"] == "iris"
+
+
+def test_no_credential_goes_upstream_even_an_unused_one(gw: Gateway) -> None:
+    headers = {**bearer(gw.jwt()), "x-api-key": gw.other_tenant_key}
+    r = gw.client.post(CHAT, json=chat_body(), headers=headers)
+    assert r.status_code == 200, r.text
+    (seen,) = gw.received("chat-v1")
+    names = {k.lower() for k, _ in seen["headers"]}
+    assert "authorization" not in names and "x-api-key" not in names
+    assert gw.other_tenant_key not in json.dumps(seen)

@@ -1,0 +1,68 @@
+"""The `extproc` command as a user runs it: clear errors, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.demo.issuer import ensure_demo_issuer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def demo_policies(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    ensure_demo_issuer(tmp_path / ".run" / "demo")
+    return tmp_path / "policies"
+
+
+def test_policy_check_accepts_the_shipped_demo_policies(demo_policies: Path) -> None:
+    result = run("policy", "check", str(demo_policies))
+    assert result.returncode == 0, result.stderr
+    assert "demo-chat.yaml: ok (demo-chat, versions v1, v2)" in result.stdout
+    assert "iris.yaml: ok (iris, versions v1)" in result.stdout
+    assert "revision " in result.stdout
+
+
+def test_serve_refuses_an_invalid_policy_naming_file_and_field(demo_policies: Path) -> None:
+    bad = demo_policies / "iris.yaml"
+    bad.write_text(bad.read_text().replace("roles_any: [classify, admin]", "role_any: [x]"))
+    result = run("serve", "--insecure", "--listen", "127.0.0.1:0", "--policies", str(demo_policies))
+    assert result.returncode == 2
+    assert f"{bad}: authorization.rules[1].role_any: Extra inputs are not permitted" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_to_run_without_tls_unless_told(demo_policies: Path) -> None:
+    result = run("serve", "--listen", "127.0.0.1:0", "--policies", str(demo_policies))
+    assert result.returncode == 2
+    assert "no TLS configured" in result.stderr
+    result = run("serve", "--insecure", "--workers", "2", "--listen", "127.0.0.1:0",
+                 "--policies", str(demo_policies))  # fmt: skip
+    assert result.returncode == 2 and "give a fixed port" in result.stderr
+
+
+def test_bad_setting_from_environment(demo_policies: Path) -> None:
+    env = {**os.environ, "EXTPROC_WORKERS": "many"}
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--insecure", "--policies", str(demo_policies)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "EXTPROC_WORKERS: cannot parse 'many'" in result.stderr
