@@ -304,3 +304,20 @@ def test_no_credential_goes_upstream_even_an_unused_one(gw: Gateway) -> None:
     names = {k.lower() for k, _ in seen["headers"]}
     assert "authorization" not in names and "x-api-key" not in names
     assert gw.other_tenant_key not in json.dumps(seen)
+
+
+def test_no_secret_reaches_any_log(gw: Gateway) -> None:
+    """Runs last in this module: every key and a token used above must be absent from logs."""
+    token = gw.jwt()
+    assert gw.client.post(CHAT, json=chat_body(), headers=bearer(token)).status_code == 200
+    bad = gw.client.post(CHAT, json=chat_body(), headers=bearer(token[:-4] + "AAAA"))
+    assert bad.status_code == 401
+    time.sleep(0.3)  # access log flush interval is 100 ms
+    logs = "\n".join(
+        p.read_text(errors="replace") for p in (gw.stack.run_dir / "logs").glob("*.log")
+    )
+    assert "decision_id" in logs  # the access log was written
+    secrets = [gw.chat_key, gw.beta_key, gw.iris_key, gw.other_tenant_key, token]
+    for secret in secrets:
+        assert secret not in logs
+        assert secret.split(".")[-1][-20:] not in logs  # not even a signature or key tail

@@ -123,3 +123,54 @@ def test_shutdown_lets_in_flight_streams_finish(two_workers: Gateway) -> None:
     finally:
         gw.stack.stop_decision_server()
         gw.stack.start_decision_server()
+
+
+def _decision_server_serial(gw: Gateway) -> int:
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    pki = gw.stack.pki
+    assert pki is not None
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(str(pki.envoy_client_cert), str(pki.envoy_client_key))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", gw.stack.decision_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_renewed_certificates_are_used_without_restart(two_workers: Gateway) -> None:
+    from extproc.tls import renew_certs
+
+    gw = two_workers
+    pid_before = gw.stack.procs["decision-server"].popen.pid
+    before = _decision_server_serial(gw)
+    assert gw.stack.pki is not None
+    renew_certs(gw.stack.pki)
+    deadline = time.monotonic() + 10
+    serials = {before}
+    # Two workers each reload on their next handshake: poll until both report the new serial.
+    while time.monotonic() < deadline:
+        seen = {_decision_server_serial(gw) for _ in range(8)}
+        if before not in seen:
+            serials |= seen
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the decision server kept serving the old certificate")
+    assert len(serials) == 2
+    assert gw.stack.procs["decision-server"].popen.pid == pid_before  # no restart
+    headers = {"authorization": f"Bearer {gw.iris_key}"}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # Envoy's pooled connections keep working or reconnect
+        if gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 200:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("gateway stopped serving after certificate renewal")

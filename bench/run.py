@@ -1,0 +1,960 @@
+"""`make bench`: what the decision server costs, as ratios to Envoy answering by itself.
+
+One run measures, on this machine and in interleaved rounds:
+
+    envoy_alone          Envoy answers with a direct_response; no external filter
+    ext_proc_empty       + ext_proc (request headers only) to bench/empty_server.py
+    ext_proc_pipeline    + ext_proc to the real decision server (route, cached JWT, one rule)
+    ext_authz_empty      + ext_authz (no body) to bench/empty_server.py
+    ext_authz_pipeline   + ext_authz to the real decision server
+
+Every configuration answers with a direct_response 200, so no upstream cost blurs the ratios.
+Per configuration it reports the median round (requests/s, p50/p99 latency, CPU microseconds per
+request of Envoy and of the decision server's process tree), the unloaded latency (one
+connection), and the ratios: to Envoy alone, and pipeline / empty server for the same API (the
+target is >= 0.80 for ext_proc). Figures are printed and written to bench-results.json.
+
+    .venv/bin/python bench/run.py [--quick] [--rounds N] [--duration S] [--workers K] ...
+
+Everything lives in .run/bench (logs, generated configs, the issuer's keys); every process it
+starts is stopped by PID before it exits. Exit status 1 when any response was not a 200 or a
+configuration could not be started, 0 otherwise (also when the 80 % target is missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+if __package__ in (None, ""):  # run as a script: make `bench.loadgen` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import LoadResult, build_loadgen, process_tree, run_load
+from extproc.demo.issuer import ensure_demo_issuer
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+RUN_DIR = REPO / ".run" / "bench"
+RESULTS_FILE = REPO / "bench-results.json"
+POLICY_TEMPLATE = BENCH_DIR / "policies" / "bench.yaml"
+
+REQUEST_PATH = "/v2/models/bench/infer"
+# The cluster bench/policies/bench.yaml names. The pipeline's Envoy answers 200 only when the
+# decision server has set x-gateway-cluster to it, so a request that skipped the decision (or
+# a policy that routes elsewhere) cannot pass for a fast success.
+ROUTED_CLUSTER = "bench-direct-response"
+NOT_ROUTED_STATUS = 421
+TOKEN_CLAIMS: dict[str, Any] = {"sub": "bench-client", "tenant": "bench", "roles": ["bench"]}
+TARGET_RATIO = 0.80  # ext_proc pipeline rps / empty server rps (the issue's requirement)
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+PROBE_RETRYABLE = frozenset({500, 502, 503, 504})  # the decision server is not reachable yet
+
+Api = Literal["ext_proc", "ext_authz"]
+ServerKind = Literal["empty", "pipeline"]
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as configured; the message says what to look at."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    api: Api | None
+    server: ServerKind | None
+    description: str
+
+
+CONFIGURATIONS: tuple[Configuration, ...] = (
+    Configuration("envoy_alone", None, None, "Envoy direct_response, no external filter"),
+    Configuration("ext_proc_empty", "ext_proc", "empty", "ext_proc -> empty server"),
+    Configuration("ext_proc_pipeline", "ext_proc", "pipeline", "ext_proc -> decision server"),
+    Configuration("ext_authz_empty", "ext_authz", "empty", "ext_authz -> empty server"),
+    Configuration("ext_authz_pipeline", "ext_authz", "pipeline", "ext_authz -> decision server"),
+)
+BY_NAME = {c.name: c for c in CONFIGURATIONS}
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int
+    duration: float
+    warmup: float
+    connections: int
+    idle_duration: float
+    idle_warmup: float
+    workers: int
+    envoy_concurrency: int
+    configurations: tuple[Configuration, ...]
+    quick: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        description="Envoy alone vs. Envoy + empty decision server vs. Envoy + the pipeline."
+    )
+    parser.add_argument("--quick", action="store_true", help="about one minute instead of four")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per loaded round (5, quick 2.5)")
+    parser.add_argument("--warmup", type=float, help="warmup seconds per round (1, quick 0.5)")
+    parser.add_argument("--connections", type=int, default=16, help="loaded connections")
+    parser.add_argument(
+        "--idle-duration", type=float, help="seconds of the 1-connection run (2, quick 1)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="decision server processes")
+    parser.add_argument(
+        "--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)"
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated configurations (envoy_alone is always included): "
+        + ", ".join(BY_NAME),
+    )
+    parser.add_argument(
+        "--no-ext-authz", action="store_true", help="skip the two ext_authz configurations"
+    )
+    args = parser.parse_args(argv)
+
+    quick: bool = args.quick
+    rounds = args.rounds if args.rounds is not None else (2 if quick else 3)
+    duration = args.duration if args.duration is not None else (2.5 if quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
+    idle_duration = (
+        args.idle_duration if args.idle_duration is not None else (1.0 if quick else 2.0)
+    )
+    chosen = list(CONFIGURATIONS)
+    if args.only:
+        names = {n.strip() for n in args.only.split(",") if n.strip()}
+        unknown = names - set(BY_NAME)
+        if unknown:
+            parser.error(f"unknown configuration(s) {sorted(unknown)}; known: {list(BY_NAME)}")
+        names.add("envoy_alone")
+        chosen = [c for c in chosen if c.name in names]
+    if args.no_ext_authz:
+        chosen = [c for c in chosen if c.api != "ext_authz"]
+    if not 1 <= rounds <= 50:
+        parser.error("--rounds must be 1..50")
+    if not (0 < duration <= 600 and 0 <= warmup <= 60 and 0 < idle_duration <= 600):
+        parser.error("durations must be positive (duration <= 600 s, warmup <= 60 s)")
+    if not 1 <= args.connections <= 10_000:
+        parser.error("--connections must be 1..10000")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be 1..64")
+    if not 1 <= args.envoy_concurrency <= 64:
+        parser.error("--envoy-concurrency must be 1..64")
+    return Options(
+        rounds=rounds,
+        duration=duration,
+        warmup=warmup,
+        connections=args.connections,
+        idle_duration=idle_duration,
+        idle_warmup=min(warmup, 0.5),
+        workers=args.workers,
+        envoy_concurrency=args.envoy_concurrency,
+        configurations=tuple(chosen),
+        quick=quick,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Envoy configuration (generated; the filter settings mirror envoy/ext_proc.yaml and
+# envoy/ext_authz.yaml, minus TLS, health checks and the access log, which are not what is
+# being compared and would be the same cost in every configuration)
+
+
+_TYPE = "type.googleapis.com/envoy."
+
+
+def _direct(status: int, body: str) -> dict[str, Any]:
+    return {"status": status, "body": {"inline_string": body}}
+
+
+def _routes(config: Configuration) -> list[dict[str, Any]]:
+    if config.server != "pipeline":
+        return [{"match": {"prefix": "/"}, "direct_response": _direct(200, "ok\n")}]
+    # The decision server sets x-gateway-cluster and clears the route cache, exactly as in
+    # production; only the route it then matches answers directly instead of proxying.
+    return [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": "x-gateway-cluster", "string_match": {"exact": ROUTED_CLUSTER}}
+                ],
+            },
+            "direct_response": _direct(200, "ok\n"),
+        },
+        {
+            "match": {"prefix": "/"},
+            "direct_response": _direct(
+                NOT_ROUTED_STATUS,
+                f"bench: request passed without x-gateway-cluster: {ROUTED_CLUSTER}\n",
+            ),
+        },
+    ]
+
+
+def _ext_proc_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "decision_server"}},
+            "failure_mode_allow": False,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "allow_mode_override": True,
+            "message_timeout": "1s",
+            "metadata_options": {
+                "receiving_namespaces": {"untyped": ["envoy.filters.http.ext_proc"]}
+            },
+        },
+    }
+
+
+def _ext_authz_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _TYPE + "extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": "decision_server"},
+                "timeout": "1s",
+            },
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+            # No with_request_body: the benchmark request has no body to decide on.
+            "clear_route_cache": True,
+            "decoder_header_mutation_rules": {},
+            "validate_mutations": True,
+        },
+    }
+
+
+def _decision_cluster(port: int) -> dict[str, Any]:
+    return {
+        "name": "decision_server",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {
+            "cluster_name": "decision_server",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address("127.0.0.1", port)}},
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        # As shipped: spreads streams over several connections, so several
+                        # decision server workers (SO_REUSEPORT) all get work.
+                        "max_concurrent_streams": 4,
+                        "connection_keepalive": {"interval": "10s", "timeout": "3s"},
+                    }
+                },
+            }
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 1024,
+                    "max_pending_requests": 8192,
+                    "max_requests": 8192,
+                    "max_retries": 3,
+                }
+            ]
+        },
+    }
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def envoy_config(config: Configuration, listen_port: int, decision_port: int | None) -> str:
+    filters: list[dict[str, Any]] = []
+    if config.api == "ext_proc":
+        filters.append(_ext_proc_filter())
+    elif config.api == "ext_authz":
+        filters.append(_ext_authz_filter())
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _TYPE + "extensions.filters.http.router.v3.Router"},
+        }
+    )
+    hcm = {
+        "@type": _TYPE
+        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "codec_type": "HTTP1",
+        # The request-normalisation settings of the shipped templates (cheap, but real).
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "use_remote_address": True,
+        "xff_num_trusted_hops": 0,
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        "route_config": {
+            "name": "bench",
+            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": _routes(config)}],
+        },
+        "http_filters": filters,
+    }
+    clusters = [] if decision_port is None else [_decision_cluster(decision_port)]
+    bootstrap = {
+        "node": {"id": f"bench-{config.name}", "cluster": "bench"},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "http",
+                    "address": _address("127.0.0.1", listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+    header = (
+        f"# Generated by bench/run.py for configuration {config.name!r}: {config.description}.\n"
+    )
+    return header + yaml.safe_dump(bootstrap, sort_keys=False, width=200)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat: with the pid, identifies one process across pid reuse."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()[19]
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 25) -> str:
+        with contextlib.suppress(OSError):
+            text = self.log_path.read_text(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
+        return ""
+
+
+class Children:
+    """Every process this run starts; `stop_all` ends them by PID, newest first."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._children: list[Child] = []
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        log_path = self._log_dir / f"{name}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        child = Child(name, popen, log_path)
+        self._children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        while self._children:
+            _stop(self._children.pop())
+
+
+def _stop(child: Child) -> None:
+    # Workers of a supervisor are remembered first: if the supervisor has to be killed, they
+    # are ended by PID too (checked against their start time, so a reused PID is left alone).
+    descendants = [(pid, _start_time(pid)) for pid in process_tree(child.pid)[1:]]
+    if child.alive():
+        child.popen.send_signal(signal.SIGTERM)
+        try:
+            child.popen.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.popen.kill()
+            child.popen.wait(5)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for pid, started in descendants:
+        while started is not None and _start_time(pid) == started:
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+
+
+def wait_for_port(port: int, child: Child, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{child.name} did not listen on port {port} within {timeout:.0f} s")
+
+
+def wait_for_workers(child: Child, workers: int, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """With K > 1 workers, wait until the supervisor has its K children (bounded)."""
+    if workers <= 1:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(process_tree(child.pid)) > workers:
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{child.name} did not start {workers} workers within {timeout:.0f} s")
+
+
+@dataclass
+class Server:
+    kind: ServerKind
+    child: Child
+    port: int
+    pids: list[int] = field(default_factory=list)  # the process tree, for CPU accounting
+
+
+@dataclass
+class Gateway:
+    config: Configuration
+    envoy: Child
+    port: int
+    server: Server | None
+
+    def cpu_pids(self) -> list[int]:
+        return [self.envoy.pid, *(self.server.pids if self.server else [])]
+
+
+def start_server(children: Children, kind: ServerKind, workers: int, policy_dir: Path) -> Server:
+    port = free_port()
+    if kind == "empty":
+        argv = [sys.executable, str(BENCH_DIR / "empty_server.py"),
+                "--port", str(port), "--workers", str(workers)]  # fmt: skip
+    else:
+        argv = [sys.executable, "-m", "extproc", "serve",
+                "--listen", f"127.0.0.1:{port}",
+                "--policies", str(policy_dir),
+                "--api-keys", str(RUN_DIR / "api-keys.json"),  # absent: JWT only
+                "--workers", str(workers),
+                "--insecure",
+                "--log-level", "WARNING",
+                "--grace-seconds", "1"]  # fmt: skip
+    child = children.spawn(f"server-{kind}", argv)
+    wait_for_port(port, child)
+    wait_for_workers(child, workers)
+    return Server(kind, child, port, process_tree(child.pid))
+
+
+def envoy_binary() -> Path:
+    binary = Path(sys.executable).parent / "envoy"
+    if not binary.exists():
+        found = shutil.which("envoy")
+        if found is None:
+            raise BenchError("envoy not found next to the Python interpreter or on PATH")
+        binary = Path(found)
+    return binary
+
+
+def start_envoy(
+    children: Children, config: Configuration, server: Server | None, concurrency: int
+) -> Gateway:
+    port = free_port()
+    path = RUN_DIR / f"envoy-{config.name}.yaml"
+    path.write_text(envoy_config(config, port, server.port if server else None))
+    argv = [str(envoy_binary()), "-c", str(path),
+            "--concurrency", str(concurrency),
+            "-l", "error", "--use-dynamic-base-id"]  # fmt: skip
+    envoy = children.spawn(f"envoy-{config.name}", argv)
+    wait_for_port(port, envoy)
+    return Gateway(config, envoy, port, server)
+
+
+def probe(gateway: Gateway, headers: dict[str, str], timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """One request through the gateway must get 200; a definite refusal fails at once."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not gateway.envoy.alive():
+            raise BenchError(f"Envoy for {gateway.config.name} exited:\n{gateway.envoy.tail()}")
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=2)
+        try:
+            conn.request("GET", REQUEST_PATH, headers=headers)
+            response = conn.getresponse()
+            body = response.read(500).decode(errors="replace").strip()
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if response.status == 200:
+                return
+            last = f"HTTP {response.status}: {body}"
+            if response.status not in PROBE_RETRYABLE:
+                break
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    message = f"{gateway.config.name}: the probe request did not get a 200 ({last})."
+    if gateway.server is not None:
+        message += f"\n{gateway.server.child.name} log:\n{gateway.server.child.tail()}"
+    raise BenchError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One loadgen window through one gateway."""
+
+    rps: float  # 200 responses per second
+    p50_ms: float
+    p99_ms: float
+    envoy_cpu_us: float  # per request
+    server_cpu_us: float | None
+    loadgen_cpu_us: float
+    requests: int
+    not_ok: int  # responses other than 200, plus transport errors (timeouts, resets)
+    status: dict[int, int]
+    error_kinds: dict[str, int]
+
+
+def to_sample(result: LoadResult, gateway: Gateway) -> Sample:
+    ok = result.status.get(200, 0)
+    server_cpu = (
+        result.cpu_us_per_request(gateway.server.pids) if gateway.server is not None else None
+    )
+    loadgen_cpu = result.loadgen_cpu_s * 1e6 / result.requests if result.requests else 0.0
+    return Sample(
+        rps=ok / result.duration_s if result.duration_s else 0.0,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        envoy_cpu_us=result.cpu_us_per_request([gateway.envoy.pid]),
+        server_cpu_us=server_cpu,
+        loadgen_cpu_us=loadgen_cpu,
+        requests=result.requests,
+        not_ok=result.requests - ok + result.errors,
+        status=dict(result.status),
+        error_kinds={k: v for k, v in result.error_kinds.items() if v},
+    )
+
+
+def measure(
+    binary: Path,
+    gateway: Gateway,
+    headers: dict[str, str],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+) -> Sample:
+    for child in (gateway.envoy, *([gateway.server.child] if gateway.server else [])):
+        if not child.alive():
+            raise BenchError(f"{child.name} exited during the benchmark:\n{child.tail()}")
+    result = run_load(
+        binary,
+        port=gateway.port,
+        path=REQUEST_PATH,
+        headers=list(headers.items()),
+        connections=connections,
+        duration=duration,
+        warmup=warmup,
+        timeout=5.0,
+        cpu_pids=gateway.cpu_pids(),
+    )
+    return to_sample(result, gateway)
+
+
+@dataclass
+class Summary:
+    name: str
+    description: str
+    median: Sample  # the round with the median rps: all its figures belong together
+    rounds: list[Sample]
+    unloaded_rounds: list[Sample]
+    unloaded_p50_ms: float
+    unloaded_p99_ms: float
+    ratio_to_envoy_alone: float = 0.0
+
+    @property
+    def not_ok(self) -> int:
+        return sum(s.not_ok for s in (*self.rounds, *self.unloaded_rounds))
+
+
+def summarize(config: Configuration, loaded: list[Sample], unloaded: list[Sample]) -> Summary:
+    ordered = sorted(loaded, key=lambda s: s.rps)
+    return Summary(
+        name=config.name,
+        description=config.description,
+        median=ordered[(len(ordered) - 1) // 2],
+        rounds=loaded,
+        unloaded_rounds=unloaded,
+        unloaded_p50_ms=statistics.median(s.p50_ms for s in unloaded),
+        unloaded_p99_ms=statistics.median(s.p99_ms for s in unloaded),
+    )
+
+
+def run_rounds(
+    options: Options, binary: Path, gateways: list[Gateway], headers: dict[str, str]
+) -> list[Summary]:
+    loaded: dict[str, list[Sample]] = {g.config.name: [] for g in gateways}
+    unloaded: dict[str, list[Sample]] = {g.config.name: [] for g in gateways}
+    for round_no in range(options.rounds):
+        # Alternate the order so that drift (thermal, noisy neighbours) does not always hit
+        # the same configuration last.
+        order = gateways if round_no % 2 == 0 else list(reversed(gateways))
+        for gateway in order:
+            name = gateway.config.name
+            sample = measure(
+                binary, gateway, headers,
+                connections=options.connections,
+                duration=options.duration,
+                warmup=options.warmup,
+            )  # fmt: skip
+            idle = measure(
+                binary, gateway, headers,
+                connections=1,
+                duration=options.idle_duration,
+                warmup=options.idle_warmup,
+            )  # fmt: skip
+            loaded[name].append(sample)
+            unloaded[name].append(idle)
+            flag = f"  NOT OK: {sample.not_ok + idle.not_ok}" if sample.not_ok + idle.not_ok else ""
+            print(
+                f"  round {round_no + 1}/{options.rounds}  {name:<20} {sample.rps:>9.0f} rps"
+                f"  p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms"
+                f"  unloaded p50 {idle.p50_ms:5.2f} ms{flag}",
+                flush=True,
+            )
+    summaries = [
+        summarize(g.config, loaded[g.config.name], unloaded[g.config.name]) for g in gateways
+    ]
+    alone = next(s for s in summaries if s.name == "envoy_alone").median.rps
+    for summary in summaries:
+        summary.ratio_to_envoy_alone = summary.median.rps / alone if alone else 0.0
+    return summaries
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    api: Api
+    pipeline_rps: float
+    empty_rps: float
+    ratio: float
+    required: bool  # only ext_proc's ratio is the issue's requirement
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= TARGET_RATIO
+
+
+def target_checks(summaries: list[Summary]) -> list[TargetCheck]:
+    by_name = {s.name: s for s in summaries}
+    checks = []
+    apis: tuple[Api, ...] = ("ext_proc", "ext_authz")
+    for api in apis:
+        pipeline, empty = by_name.get(f"{api}_pipeline"), by_name.get(f"{api}_empty")
+        if pipeline is None or empty is None:
+            continue
+        ratio = pipeline.median.rps / empty.median.rps if empty.median.rps else 0.0
+        checks.append(
+            TargetCheck(api, pipeline.median.rps, empty.median.rps, ratio, api == "ext_proc")
+        )
+    return checks
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """The first column left-aligned (names), the others right-aligned (numbers)."""
+    padded = [cells[0].ljust(widths[0])]
+    padded += [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+    return "  ".join(padded)
+
+
+def print_report(summaries: list[Summary], checks: list[TargetCheck], options: Options) -> None:
+    print()
+    print(
+        f"Median of {options.rounds} rounds; {options.connections} connections, "
+        f"{options.duration:g} s each (+{options.warmup:g} s warmup); unloaded = 1 connection. "
+        f"Envoy --concurrency {options.envoy_concurrency}, decision server workers "
+        f"{options.workers}."
+    )
+    columns = ("configuration", "rps", "x alone", "rps range", "p50 ms", "p99 ms",
+               "Envoy us/req", "server us/req", "unloaded p50/p99 ms", "not 200")  # fmt: skip
+    rows = []
+    for s in summaries:
+        m = s.median
+        spread = f"{min(r.rps for r in s.rounds):.0f}-{max(r.rps for r in s.rounds):.0f}"
+        rows.append((
+            s.name, f"{m.rps:.0f}", f"{s.ratio_to_envoy_alone:.3f}", spread,
+            f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", f"{m.envoy_cpu_us:.0f}",
+            _fmt(m.server_cpu_us, ".0f"), f"{s.unloaded_p50_ms:.2f} / {s.unloaded_p99_ms:.2f}",
+            str(s.not_ok),
+        ))  # fmt: skip
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    header = _table_line(columns, widths)
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(_table_line(row, widths))
+    print()
+    for check in checks:
+        verdict = "PASS" if check.passed else "FAIL"
+        if not check.required:
+            verdict += " (informational)"
+        print(
+            f"{check.api} pipeline / empty server: {check.ratio:.3f} "
+            f"({check.pipeline_rps:.0f} vs {check.empty_rps:.0f} rps; target >= "
+            f"{TARGET_RATIO:.2f}) -> {verdict}"
+        )
+    bad = [s for s in summaries if s.not_ok]
+    if bad:
+        print()
+        print("NOT-200 RESPONSES OR TRANSPORT ERRORS (these configurations' figures are invalid):")
+        for s in bad:
+            for label, samples in (("loaded", s.rounds), ("unloaded", s.unloaded_rounds)):
+                for i, sample in enumerate(samples, 1):
+                    if sample.not_ok:
+                        others = {k: v for k, v in sample.status.items() if k != 200}
+                        print(
+                            f"  {s.name} {label} round {i}: {sample.not_ok} not ok; "
+                            f"status {others}, transport errors {sample.error_kinds}"
+                        )
+
+
+def machine_info() -> dict[str, Any]:
+    envoy = subprocess.run(
+        [str(envoy_binary()), "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
+            if text_line.startswith("model name"):
+                cpu_model = text_line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("grpcio", "protobuf", "uvloop", "pyjwt", "cryptography"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "envoy": envoy.split("version:", 1)[-1].strip(),
+        "packages": versions,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def write_results(
+    summaries: list[Summary],
+    checks: list[TargetCheck],
+    options: Options,
+    machine: dict[str, Any],
+) -> None:
+    document = {
+        "machine": machine,
+        "settings": {
+            "rounds": options.rounds,
+            "duration_s": options.duration,
+            "warmup_s": options.warmup,
+            "connections": options.connections,
+            "unloaded_duration_s": options.idle_duration,
+            "decision_server_workers": options.workers,
+            "envoy_concurrency": options.envoy_concurrency,
+            "quick": options.quick,
+            "request": f"GET {REQUEST_PATH} with the same ES256 JWT every time",
+        },
+        "configurations": {
+            s.name: {
+                "description": s.description,
+                "rps": s.median.rps,
+                "ratio_to_envoy_alone": s.ratio_to_envoy_alone,
+                "p50_ms": s.median.p50_ms,
+                "p99_ms": s.median.p99_ms,
+                "envoy_cpu_us_per_request": s.median.envoy_cpu_us,
+                "server_cpu_us_per_request": s.median.server_cpu_us,
+                "unloaded_p50_ms": s.unloaded_p50_ms,
+                "unloaded_p99_ms": s.unloaded_p99_ms,
+                "not_ok": s.not_ok,
+                "rounds": [asdict(r) for r in s.rounds],
+                "unloaded_rounds": [asdict(r) for r in s.unloaded_rounds],
+            }
+            for s in summaries
+        },
+        "targets": [
+            {
+                "api": c.api,
+                "pipeline_over_empty": c.ratio,
+                "target": TARGET_RATIO,
+                "passed": c.passed,
+                "required": c.required,
+            }
+            for c in checks
+        ],
+    }
+    tmp = RESULTS_FILE.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(RESULTS_FILE)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def prepare_run_dir() -> Path:
+    """A fresh .run/bench with the bench policy beside the demo issuer's JWKS."""
+    if RUN_DIR.exists():
+        shutil.rmtree(RUN_DIR)
+    (RUN_DIR / "logs").mkdir(parents=True)
+    policy_dir = RUN_DIR / "policies"
+    policy_dir.mkdir()
+    shutil.copyfile(POLICY_TEMPLATE, policy_dir / POLICY_TEMPLATE.name)
+    return policy_dir
+
+
+@contextlib.contextmanager
+def terminate_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the finally blocks stop every child."""
+
+    def raise_interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(options: Options) -> int:
+    started = time.monotonic()
+    machine = machine_info()
+    policy_dir = prepare_run_dir()
+    binary = build_loadgen(REPO / ".run" / "bin")
+    issuer = ensure_demo_issuer(RUN_DIR / "issuer")
+    headers = {"authorization": f"Bearer {issuer.mint(TOKEN_CLAIMS)}"}
+    print(
+        f"bench: {len(options.configurations)} configurations x {options.rounds} rounds; "
+        f"logs and configs in {RUN_DIR.relative_to(REPO)}",
+        flush=True,
+    )
+
+    children = Children(RUN_DIR / "logs")
+    try:
+        servers: dict[ServerKind, Server] = {}
+        kinds: tuple[ServerKind, ...] = ("empty", "pipeline")
+        for kind in kinds:
+            if any(c.server == kind for c in options.configurations):
+                servers[kind] = start_server(children, kind, options.workers, policy_dir)
+        gateways = []
+        for config in options.configurations:
+            server = servers[config.server] if config.server else None
+            gateway = start_envoy(children, config, server, options.envoy_concurrency)
+            probe(gateway, headers)
+            gateways.append(gateway)
+        summaries = run_rounds(options, binary, gateways, headers)
+    finally:
+        children.stop_all()
+
+    checks = target_checks(summaries)
+    print_report(summaries, checks, options)
+    write_results(summaries, checks, options, machine)
+    print(f"\nwrote {RESULTS_FILE.relative_to(REPO)} ({time.monotonic() - started:.0f} s)")
+    return 1 if any(s.not_ok for s in summaries) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        with terminate_on_signals():
+            return run(options)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
