@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.pipeline.context import RequestContext
-from extproc.pipeline.decision import Deny
+from extproc.pipeline.decision import Allow, Deny
+from extproc.pipeline.upstream import template_key
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -58,3 +59,28 @@ def struct(values: Mapping[str, Any]) -> Struct:
     out = Struct()
     out.update(values)
     return out
+
+
+M = TypeVar("M")
+
+
+class TemplateCache(Generic[M]):
+    """Allow responses built once per distinct decision, then copied and patched per request.
+
+    Building a response with its header options and metadata struct costs about 25 us in
+    Python; copying a prebuilt one costs about 3 us. Bounded: cleared when full.
+    """
+
+    def __init__(self, build: Callable[[Allow], M], max_entries: int = 4096) -> None:
+        self._build = build
+        self._max = max_entries
+        self._entries: dict[tuple[object, ...], M] = {}
+
+    def get(self, allow: Allow) -> M:
+        key = template_key(allow)
+        found = self._entries.get(key)
+        if found is None:
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            found = self._entries[key] = self._build(allow)
+        return found

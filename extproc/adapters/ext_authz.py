@@ -13,11 +13,11 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
-from extproc.adapters.common import context_from_headers, deny_headers, struct
+from extproc.adapters.common import TemplateCache, context_from_headers, deny_headers, struct
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.pipeline.run import DecisionCore
-from extproc.pipeline.upstream import allow_mutation, dynamic_metadata
+from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -50,16 +50,30 @@ def denied(deny: Deny, decision_id: str) -> pb.CheckResponse:
     )
 
 
-def ok(allow: Allow, decision_id: str) -> pb.CheckResponse:
-    mutation = allow_mutation(allow, decision_id)
+def _ok_template(allow: Allow) -> pb.CheckResponse:
+    mutation = allow_mutation(allow)
     return pb.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=pb.OkHttpResponse(
             headers=[_header(k, v) for k, v in mutation.set],
             headers_to_remove=list(mutation.remove),
         ),
-        dynamic_metadata=struct(dynamic_metadata(allow, decision_id)),
+        dynamic_metadata=struct(dynamic_metadata(allow)),
     )
+
+
+_OK_TEMPLATES = TemplateCache(_ok_template)
+
+
+def ok(allow: Allow, decision_id: str) -> pb.CheckResponse:
+    response = pb.CheckResponse()
+    response.CopyFrom(_OK_TEMPLATES.get(allow))
+    option = response.ok_response.headers.add()
+    option.header.key = DECISION_ID
+    option.header.value = decision_id
+    option.append_action = _OVERWRITE
+    response.dynamic_metadata.fields["decision_id"].string_value = decision_id
+    return response
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -15,11 +15,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc.adapters.common import context_from_headers, deny_headers, join_headers, struct
+from extproc.adapters.common import (
+    TemplateCache,
+    context_from_headers,
+    deny_headers,
+    join_headers,
+    struct,
+)
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny, NeedBody
 from extproc.pipeline.run import DecisionCore
-from extproc.pipeline.upstream import allow_mutation, dynamic_metadata
+from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -73,9 +79,9 @@ def immediate(deny: Deny, decision_id: str) -> pb.ProcessingResponse:
     )
 
 
-def allowed(allow: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse:
-    mutation = allow_mutation(allow, decision_id)
-    common = pb.CommonResponse(
+def _common(allow: Allow) -> pb.CommonResponse:
+    mutation = allow_mutation(allow)
+    return pb.CommonResponse(
         header_mutation=pb.HeaderMutation(
             set_headers=[_header(k, v) for k, v in mutation.set],
             remove_headers=list(mutation.remove),
@@ -83,14 +89,42 @@ def allowed(allow: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse
         # The route picks its cluster from a header we just set: route again.
         clear_route_cache=True,
     )
-    meta = struct({METADATA_NAMESPACE: dynamic_metadata(allow, decision_id)})
-    if phase == "request_headers":
-        return pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta
-        )
+
+
+def _headers_template(allow: Allow) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=common), dynamic_metadata=meta
+        request_headers=pb.HeadersResponse(response=_common(allow)),
+        dynamic_metadata=struct({METADATA_NAMESPACE: dynamic_metadata(allow)}),
     )
+
+
+def _body_template(allow: Allow) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=_common(allow)),
+        dynamic_metadata=struct({METADATA_NAMESPACE: dynamic_metadata(allow)}),
+    )
+
+
+_TEMPLATES = {
+    "request_headers": TemplateCache(_headers_template),
+    "request_body": TemplateCache(_body_template),
+}
+
+
+def allowed(allow: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse:
+    response = pb.ProcessingResponse()
+    response.CopyFrom(_TEMPLATES[phase].get(allow))
+    if phase == "request_headers":
+        common = response.request_headers.response
+    else:
+        common = response.request_body.response
+    option = common.header_mutation.set_headers.add()
+    option.header.key = DECISION_ID
+    option.header.raw_value = decision_id.encode()
+    option.append_action = _OVERWRITE
+    meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+    meta.fields["decision_id"].string_value = decision_id
+    return response
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]

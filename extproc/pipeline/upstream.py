@@ -39,10 +39,20 @@ class HeaderMutation:
     remove: tuple[str, ...]
 
 
-def allow_mutation(allow: Allow, decision_id: str) -> HeaderMutation:
+def template_key(allow: Allow) -> tuple[object, ...]:
+    """Everything the two functions below read: equal keys give equal mutations and metadata,
+    so adapters can build each response once and patch in only the decision id."""
+    who = allow.identity
+    return (
+        (who.principal, who.tenant, who.method, who.credential_header),
+        (allow.policy, allow.model, allow.version, allow.cluster, allow.credential_headers),
+    )
+
+
+def allow_mutation(allow: Allow) -> HeaderMutation:
+    """The headers to set and remove; the per-request DECISION_ID is set by the adapter."""
     values = {
         PRINCIPAL: allow.identity.principal,
-        DECISION_ID: decision_id,
         MODEL: allow.model,
         VERSION: allow.version,
         CLUSTER: allow.cluster,
@@ -50,7 +60,7 @@ def allow_mutation(allow: Allow, decision_id: str) -> HeaderMutation:
     }
     if allow.identity.tenant is not None:
         values[TENANT] = allow.identity.tenant
-    remove = [name for name in OWNED_HEADERS if name not in values]
+    remove = [name for name in OWNED_HEADERS if name not in values and name != DECISION_ID]
     # No credential goes upstream: neither the one used nor any other the model accepts.
     remove.extend(h for h in allow.credential_headers if h not in remove)
     if allow.identity.credential_header not in remove:
@@ -58,10 +68,10 @@ def allow_mutation(allow: Allow, decision_id: str) -> HeaderMutation:
     return HeaderMutation(set=tuple(values.items()), remove=tuple(remove))
 
 
-def dynamic_metadata(allow: Allow, decision_id: str) -> dict[str, str]:
-    """What Envoy keeps as dynamic metadata: a channel clients cannot write."""
+def dynamic_metadata(allow: Allow) -> dict[str, str]:
+    """What Envoy keeps as dynamic metadata (a channel clients cannot write); the adapter adds
+    the per-request `decision_id`."""
     meta = {
-        "decision_id": decision_id,
         "principal": allow.identity.principal,
         "auth_method": allow.identity.method,
         "policy": allow.policy,

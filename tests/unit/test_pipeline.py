@@ -199,12 +199,13 @@ async def test_upstream_mutation_overwrites_and_strips(env: Env) -> None:
     headers = {"authorization": f"Bearer {env.token(tenant=None)}", "x-api-key": "gk_other"}
     d = await decide(env, ctx("/v1/chat/completions", headers), body("jwt-only-chat"))
     assert isinstance(d, Allow)
-    m = allow_mutation(d, "abc")
+    m = allow_mutation(d)
     assert dict(m.set)["x-gateway-principal"] == "bob"
     assert "x-gateway-tenant" in m.remove  # no tenant: a client copy must not survive
     assert "authorization" in m.remove
-    meta = dynamic_metadata(d, "abc")
-    assert meta["decision_id"] == "abc" and "tenant" not in meta
+    assert "x-gateway-decision-id" not in m.remove  # the adapter sets it per request
+    meta = dynamic_metadata(d)
+    assert meta["principal"] == "bob" and "tenant" not in meta
 
 
 async def test_a_fault_fails_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
