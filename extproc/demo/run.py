@@ -58,23 +58,26 @@ def write_demo_env(stack: Stack, api_key: str, token: str) -> Path:
     return path
 
 
-def curl_example(stack: Stack) -> str:
+def curl_example(stack: Stack, api_key: str) -> str:
+    """A command that works as pasted: literal values, no variables to set first."""
     body = '{"model": "demo-chat", "messages": [{"role": "user", "content": "Hello!"}]}'
     return (
-        f"set -a; . {stack.run_dir}/demo.env; set +a\n"
-        f'curl --cacert "$CA_CERT" "$GATEWAY_URL/v1/chat/completions" \\\n'
-        f'  -H "Authorization: Bearer $DEMO_API_KEY" -H "Content-Type: application/json" \\\n'
-        f"  -d '{body}'"
+        f"curl --cacert {shlex.quote(str(stack.ca_cert.resolve()))} "
+        f"{stack.gateway_url}/v1/chat/completions \\\n"
+        f"  -H {shlex.quote('Authorization: Bearer ' + api_key)} "
+        f"-H 'Content-Type: application/json' \\\n"
+        f"  -d {shlex.quote(body)}"
     )
 
 
-def issue_demo_credentials(stack: Stack) -> Path:
+def issue_demo_credentials(stack: Stack) -> tuple[Path, str]:
+    """A fresh demo API key (valid 7 days) and JWT (24 hours), written to .run/demo.env."""
     assert stack.issuer is not None
-    api_key = stack.create_api_key("demo-user", DEMO_TENANT, DEMO_ROLES)
+    api_key = stack.create_api_key("demo-user", DEMO_TENANT, DEMO_ROLES, valid_days=7)
     token = stack.issuer.mint(
         {"sub": "demo-user", "tenant": DEMO_TENANT, "roles": DEMO_ROLES, "scope": "models"}
     )
-    return write_demo_env(stack, api_key, token)
+    return write_demo_env(stack, api_key, token), api_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(demo_config(Path()))
     if args == ["--prepare-only"]:  # docker-compose's `prepare` service
         stack.prepare()
-        print(f"prepared; credentials in {issue_demo_credentials(stack)}")
+        print(f"prepared; credentials in {issue_demo_credentials(stack)[0]}")
         return 0
     done = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: done.set())
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
+        stack.prepare()
+        # Before the server starts, so the key works the moment the banner shows it.
+        env_path, api_key = issue_demo_credentials(stack)
         stack.start()
-        env_path = issue_demo_credentials(stack)
-        print(f"\nGateway ready at {stack.gateway_url} ({stack.config.mode} mode).")
-        print(f"Demo credentials are in {env_path}. Try:\n\n{curl_example(stack)}\n")
+        print(f"\nGateway ready at {stack.gateway_url} ({stack.config.mode} mode). Try:\n")
+        print(f"{curl_example(stack, api_key)}\n")
+        print(f"GATEWAY_URL, CA_CERT, DEMO_API_KEY, DEMO_JWT, DEMO_CHAT_MODEL: {env_path}")
         print("Logs in .run/logs. Press Ctrl-C to stop.", flush=True)
         while not done.wait(1.0):
             stack.check_alive()

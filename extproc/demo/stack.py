@@ -7,6 +7,7 @@ process is a child of this one and is stopped by PID, also when startup fails ha
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -147,8 +148,15 @@ class Stack:
         self.issuer = ensure_demo_issuer(self.run_dir / "demo")
         write_config(self.config.mode, self.envoy_values(), self.envoy_config)
 
-    def create_api_key(self, principal: str, tenant: str | None, roles: list[str]) -> str:
-        key, _record = create_key(self.api_keys_file, principal, tenant=tenant, roles=roles)
+    def create_api_key(
+        self, principal: str, tenant: str | None, roles: list[str], valid_days: int | None = None
+    ) -> str:
+        not_after = None
+        if valid_days is not None:
+            not_after = dt.datetime.now(dt.UTC) + dt.timedelta(days=valid_days)
+        key, _record = create_key(
+            self.api_keys_file, principal, tenant=tenant, roles=roles, not_after=not_after
+        )
         return key
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:

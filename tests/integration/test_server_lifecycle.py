@@ -174,3 +174,78 @@ def test_renewed_certificates_are_used_without_restart(two_workers: Gateway) -> 
         time.sleep(0.2)
     else:
         raise AssertionError("gateway stopped serving after certificate renewal")
+
+
+def _channel(gw: Gateway) -> object:
+    import grpc
+
+    pki = gw.stack.pki
+    assert pki is not None
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_cert.read_bytes(),
+        private_key=pki.envoy_client_key.read_bytes(),
+        certificate_chain=pki.envoy_client_cert.read_bytes(),
+    )
+    return grpc.secure_channel(
+        f"127.0.0.1:{gw.stack.decision_port}",
+        creds,
+        options=[("grpc.ssl_target_name_override", "localhost")],
+    )
+
+
+def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
+
+    gw = two_workers
+    with _channel(gw) as channel:  # type: ignore[attr-defined]
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"),
+            timeout=5,
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        admin = admin_pb2_grpc.AdminStub(channel)
+        revision = admin.GetPolicyRevision(admin_pb2.GetPolicyRevisionRequest(), timeout=5)
+        assert len(revision.revision) == 16
+        assert {p.name for p in revision.policies} == {"demo-chat", "iris"}
+        explained = admin.Explain(
+            admin_pb2.ExplainRequest(
+                method="POST",
+                path="/v2/models/iris/infer",
+                headers={"authorization": f"Bearer {gw.chat_key}"},
+            ),
+            timeout=5,
+        )
+        assert (explained.allowed, explained.status, explained.code) == (False, 403, "forbidden")
+        assert [(p.phase, p.verdict) for p in explained.phases] == [
+            ("route", "pass"), ("authenticate", "pass"), ("authorize", "deny")
+        ]  # fmt: skip
+        assert "classifier callers" in explained.phases[-1].reason
+        allowed = admin.Explain(
+            admin_pb2.ExplainRequest(
+                method="POST",
+                path="/v1/chat/completions",
+                headers={"authorization": f"Bearer {gw.beta_key}", "x-model-version": "v2"},
+                body=b'{"model": "demo-chat-latest", "messages": []}',
+            ),
+            timeout=5,
+        )
+        assert allowed.allowed and (allowed.model, allowed.version, allowed.cluster) == (
+            "demo-chat", "v2", "demo-chat-v2"
+        )  # fmt: skip
+    # Without a client certificate the server refuses the connection.
+    pki = gw.stack.pki
+    assert pki is not None
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
+    with grpc.secure_channel(
+        f"127.0.0.1:{gw.stack.decision_port}",
+        creds,
+        options=[("grpc.ssl_target_name_override", "localhost")],
+    ) as anonymous:
+        with pytest.raises(grpc.RpcError) as info:
+            admin_pb2_grpc.AdminStub(anonymous).GetPolicyRevision(
+                admin_pb2.GetPolicyRevisionRequest(), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
