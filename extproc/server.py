@@ -26,6 +26,7 @@ from extproc.adapters.admin import AdminService
 from extproc.adapters.ext_authz import AuthorizationService
 from extproc.adapters.ext_proc import ExternalProcessorService
 from extproc.authn.apikey import ApiKeyStore
+from extproc.parent_death import die_with_parent
 from extproc.pipeline.run import DecisionCore
 from extproc.policy.store import PolicyStore
 from extproc.settings import Settings
@@ -203,12 +204,20 @@ def run(settings: Settings) -> int:
     return _supervise(settings)
 
 
+def _run_supervised_worker(settings: Settings) -> None:
+    die_with_parent()  # a killed supervisor must not leave workers serving on
+    run_worker(settings)
+
+
 def _supervise(settings: Settings) -> int:
     """Start the workers, restart one that dies (bounded), forward SIGTERM/SIGINT to all."""
     configure_logging(settings.log_level)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
-    workers = [ctx.Process(target=run_worker, args=(settings,)) for _ in range(settings.workers)]
+    def spawn() -> multiprocessing.process.BaseProcess:
+        return ctx.Process(target=_run_supervised_worker, args=(settings,))
+
+    workers = [spawn() for _ in range(settings.workers)]
     for w in workers:
         w.start()
 
@@ -234,7 +243,7 @@ def _supervise(settings: Settings) -> int:
                 _stop(signal.SIGTERM, None)
                 break
             log.error("worker %d exited with %s; restarting it", w.pid, w.exitcode)
-            workers[i] = ctx.Process(target=run_worker, args=(settings,))
+            workers[i] = spawn()
             workers[i].start()
         if stopping and all(not w.is_alive() for w in workers):
             return 0 if all(w.exitcode == 0 for w in workers) else 1

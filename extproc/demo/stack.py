@@ -24,6 +24,7 @@ import httpx
 from extproc.authn.apikey import create_key
 from extproc.demo.issuer import DemoIssuer, ensure_demo_issuer
 from extproc.envoyconf import EnvoyValues, write_config
+from extproc.parent_death import die_with_parent
 from extproc.tls import DevPki, ensure_dev_pki, pki_paths
 
 Mode = Literal["ext_proc", "ext_authz"]
@@ -163,7 +164,11 @@ class Stack:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in Proc.stop
         popen = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=die_with_parent,
         )
         proc = Proc(name, popen, log_path, log)
         self.procs[name] = proc

@@ -249,3 +249,46 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
                 admin_pb2.GetPolicyRevisionRequest(), timeout=5
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
+    """SIGKILL cannot be forwarded: workers must still go, or they keep serving stale policy."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from extproc.demo.issuer import ensure_demo_issuer
+    from extproc.demo.stack import free_port
+    from extproc.testing.gateway import REPO
+
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    ensure_demo_issuer(tmp_path / ".run" / "demo")
+    port = free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--insecure", "--workers", "2",
+         "--listen", f"127.0.0.1:{port}", "--policies", str(tmp_path / "policies"),
+         "--api-keys", str(tmp_path / "keys.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        workers: list[int] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+            workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+        assert len(workers) == 2
+        supervisor.kill()
+        supervisor.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.1)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        for w in alive:
+            os.kill(w, signal.SIGKILL)
+        assert alive == []
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)

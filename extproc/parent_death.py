@@ -1,0 +1,19 @@
+"""Tie a child process's life to its parent's (Linux), so a killed launcher leaves nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies, even by SIGKILL.
+
+    Call it in the child (a Popen preexec_fn, or first thing in a worker). Elsewhere than
+    Linux it does nothing; the parent's own cleanup still stops its children.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
