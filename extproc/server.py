@@ -204,8 +204,8 @@ def run(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _run_supervised_worker(settings: Settings) -> None:
-    die_with_parent()  # a killed supervisor must not leave workers serving on
+def _run_supervised_worker(settings: Settings, supervisor_pid: int) -> None:
+    die_with_parent(supervisor_pid)  # a killed supervisor must not leave workers serving on
     run_worker(settings)
 
 
@@ -215,7 +215,7 @@ def _supervise(settings: Settings) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
     def spawn() -> multiprocessing.process.BaseProcess:
-        return ctx.Process(target=_run_supervised_worker, args=(settings,))
+        return ctx.Process(target=_run_supervised_worker, args=(settings, os.getpid()))
 
     workers = [spawn() for _ in range(settings.workers)]
     for w in workers:

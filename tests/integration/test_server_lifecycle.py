@@ -251,6 +251,17 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
 
 
+def _workers_of(pid: int) -> list[int]:
+    """Worker processes of a supervisor (multiprocessing may add a resource tracker too)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = []
+    for child in children.read_text().split() if children.exists() else []:
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(child))
+    return found
+
+
 def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
     """SIGKILL cannot be forwarded: workers must still go, or they keep serving stale policy."""
     import os
@@ -276,8 +287,7 @@ def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
         workers: list[int] = []
         while time.monotonic() < deadline and len(workers) < 2:
             time.sleep(0.2)
-            children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
-            workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+            workers = _workers_of(supervisor.pid)
         assert len(workers) == 2
         supervisor.kill()
         supervisor.wait(10)
