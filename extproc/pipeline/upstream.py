@@ -51,12 +51,12 @@ def template_key(allow: Allow) -> tuple[object, ...]:
 
 def allow_mutation(allow: Allow) -> HeaderMutation:
     """The headers to set and remove; the per-request DECISION_ID is set by the adapter."""
+    # Version and method travel in dynamic metadata only (each header set costs Envoy and us
+    # on every request); a client's copies of them are still removed.
     values = {
         PRINCIPAL: allow.identity.principal,
         MODEL: allow.model,
-        VERSION: allow.version,
         CLUSTER: allow.cluster,
-        AUTH_METHOD: allow.identity.method,
     }
     if allow.identity.tenant is not None:
         values[TENANT] = allow.identity.tenant
