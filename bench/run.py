@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.loadgen` importabl
 from bench.loadgen import LoadResult, build_loadgen, process_tree, run_load
 from extproc.authn.apikey import write_key_file
 from extproc.demo.issuer import ensure_demo_issuer
+from extproc.envoyconf import EnvoyValues, Template, render
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -231,91 +232,48 @@ def _routes(config: Configuration) -> list[dict[str, Any]]:
     ]
 
 
+def _shipped(template: Template) -> dict[str, Any]:
+    """The shipped Envoy config (envoy/*.yaml) as data: the bench measures what users run."""
+    values = EnvoyValues(
+        listen_address="127.0.0.1", listen_port=1, admin_port=2, decision_host="127.0.0.1",
+        decision_port=3, sds_dir=Path("/unused"), access_log_path=Path("/dev/null"),
+        chat_v1_port=4, chat_v2_port=5, oip_v1_port=6, ext_timeout_ms=1000,
+    )  # fmt: skip
+    doc: dict[str, Any] = yaml.safe_load(render(template, values))
+    return doc["static_resources"]
+
+
+def _shipped_filter(template: Template) -> dict[str, Any]:
+    listener = _shipped(template)["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext: dict[str, Any] = hcm["http_filters"][0]
+    assert ext["name"] == f"envoy.filters.http.{template}", ext["name"]
+    return ext
+
+
 def _ext_proc_filter() -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "decision_server"}},
-            "failure_mode_allow": False,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "allow_mode_override": True,
-            "message_timeout": "1s",
-            "metadata_options": {
-                "receiving_namespaces": {"untyped": ["envoy.filters.http.ext_proc"]}
-            },
-        },
-    }
+    return _shipped_filter("ext_proc")
 
 
 def _ext_authz_filter() -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": _TYPE + "extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": "decision_server"},
-                "timeout": "1s",
-            },
-            "failure_mode_allow": False,
-            "status_on_error": {"code": "ServiceUnavailable"},
-            # No with_request_body: the benchmark request has no body to decide on.
-            "clear_route_cache": True,
-            "decoder_header_mutation_rules": {},
-            "validate_mutations": True,
-        },
-    }
+    # As shipped, including with_request_body; the benchmark's GET has no body to wait for.
+    return _shipped_filter("ext_authz")
 
 
 def _decision_cluster(port: int) -> dict[str, Any]:
-    return {
-        "name": "decision_server",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "load_assignment": {
-            "cluster_name": "decision_server",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _address("127.0.0.1", port)}},
-                    ]
-                }
-            ],
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        # As shipped: spreads streams over several connections, so several
-                        # decision server workers (SO_REUSEPORT) all get work.
-                        "max_concurrent_streams": 4,
-                        "connection_keepalive": {"interval": "10s", "timeout": "3s"},
-                    }
-                },
-            }
-        },
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "priority": "DEFAULT",
-                    "max_connections": 1024,
-                    "max_pending_requests": 8192,
-                    "max_requests": 8192,
-                    "max_retries": 3,
-                }
-            ]
-        },
+    """The shipped decision_server cluster, in plaintext and without health checks: the empty
+    baseline server has neither TLS nor a health service, and both servers are run alike."""
+    cluster: dict[str, Any] = next(
+        c for c in _shipped("ext_proc")["clusters"] if c["name"] == "decision_server"
+    )
+    cluster.pop("transport_socket", None)
+    cluster.pop("health_checks", None)
+    cluster["type"] = "STATIC"
+    cluster["load_assignment"] = {
+        "cluster_name": "decision_server",
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", port)}}]}],
     }
+    return cluster
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
