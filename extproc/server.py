@@ -127,11 +127,7 @@ async def _set_health(servicer: HealthServicer, serving: bool) -> None:
 
 
 async def _warm_key_sources(store: PolicyStore) -> None:
-    warmers = [
-        warm()
-        for source in store.resources.key_sources.values()
-        if (warm := getattr(source, "warm", None)) is not None
-    ]
+    warmers = [source.warm() for source in store.resources.key_sources.values()]
     if not warmers:
         return
     try:
@@ -173,9 +169,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     for source in store.resources.key_sources.values():
-        close = getattr(source, "aclose", None)
-        if close is not None:
-            await close()
+        await source.aclose()
 
 
 def run_worker(settings: Settings) -> None:
@@ -221,15 +215,20 @@ def _supervise(settings: Settings) -> int:
     for w in workers:
         w.start()
 
-    def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def _forward(signum: int, _frame: object) -> None:
         for w in workers:
             if w.pid is not None and w.is_alive():
                 os.kill(w.pid, signum)
 
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        _forward(signum, frame)
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # SIGHUP reloads policies in every worker (and must not end the supervisor).
+    signal.signal(signal.SIGHUP, _forward)
     restarts: list[float] = []
     while True:
         for i, w in enumerate(workers):

@@ -302,3 +302,47 @@ def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait(10)
+
+
+def test_sighup_reloads_policies_in_every_worker(tmp_path: Path) -> None:
+    """A changed rule applies after SIGHUP; a broken file leaves the last good set serving."""
+    stack = make_stack(tmp_path, workers=2)
+    gw = Gateway(stack)
+    try:
+        with stack:
+            headers = {"authorization": f"Bearer {gw.chat_key}"}  # alice: role chat only
+            assert gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 403
+            iris = stack.config.policy_dir / "iris.yaml"
+            original = iris.read_text()
+            iris.write_text(original.replace("roles_any: [classify, admin]", "roles_any: [chat]"))
+            supervisor = stack.procs["decision-server"].popen
+            supervisor.send_signal(signal.SIGHUP)
+            _expect_all(gw, headers, 200)
+            iris.write_text("model: [broken\n")
+            supervisor.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            _expect_all(gw, headers, 200)  # still the last good set
+            assert supervisor.poll() is None
+            log = (stack.run_dir / "logs" / "decision-server.log").read_text()
+            assert "policy reload rejected" in log and "iris.yaml" in log
+    finally:
+        gw.close()
+
+
+def _expect_all(gw: Gateway, headers: dict[str, str], status: int) -> None:
+    """Every worker answers `status`: 16 concurrent clients make Envoy use several gRPC
+    connections (4 streams each), so both workers are asked; retried for up to 10 s."""
+
+    def four(_: int) -> list[int]:
+        with httpx.Client(base_url=gw.stack.gateway_url, verify=gw.tls, timeout=10) as c:
+            return [c.post(IRIS, json=IRIS_BODY, headers=headers).status_code for _ in range(4)]
+
+    deadline = time.monotonic() + 10
+    statuses: set[int] = set()
+    while time.monotonic() < deadline:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = {s for batch in pool.map(four, range(16)) for s in batch}
+        if statuses == {status}:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"expected only {status}, saw {statuses}")

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.demo import pods
+from extproc.demo import pod_server, pods
 from extproc.demo.pods import RunningPod, start_pod
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 2.8, 4.9, 1.5], [6.7, 3.0, 5.2, 2.3]]
@@ -172,7 +172,7 @@ def test_recorded_body_is_capped_but_size_is_not(chat: httpx.Client) -> None:
 
 
 def test_recording_keeps_only_the_latest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pods, "RECORDED_REQUESTS", 3)
+    monkeypatch.setattr(pod_server, "RECORDED_REQUESTS", 3)
     with (
         start_pod("chat", name="demo-chat", version="v1") as pod,
         httpx.Client(base_url=pod.url) as client,
