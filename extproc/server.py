@@ -16,12 +16,11 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc._proto.extproc.admin.v1 import admin_pb2_grpc
+from extproc.adapters import ext_authz, ext_proc
 from extproc.adapters.admin import AdminService
 from extproc.adapters.ext_authz import AuthorizationService
 from extproc.adapters.ext_proc import ExternalProcessorService
@@ -98,10 +97,8 @@ def build_server(
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
     server = grpc.aio.server(options=options)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(core), server
-    )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(core), server)
+    ext_proc.add_to_server(ExternalProcessorService(core), server)
+    ext_authz.add_to_server(AuthorizationService(core), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(core, store), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

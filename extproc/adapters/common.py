@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
+import grpc
+from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.pipeline.context import RequestContext
@@ -63,13 +66,38 @@ def struct(values: Mapping[str, Any]) -> Struct:
 
 M = TypeVar("M")
 
+# Allow responses are serialized once per distinct decision with this stand-in where the
+# decision id goes, then filled per request by one bytes.replace: about 0.3 us against 25 us to
+# build the message (or 4 us to copy and patch a prebuilt one). Random per process, so no
+# policy or client value can contain it; as long as a decision id, so every length prefix in
+# the serialized message stays right.
+DECISION_ID_SLOT = os.urandom(16).hex().encode()
+
+
+def fill_decision_id(template: bytes, decision_id: str) -> bytes:
+    filled = decision_id.encode()
+    if len(filled) != len(DECISION_ID_SLOT):
+        raise ValueError("decision ids are 32 characters")  # a fault: the caller fails closed
+    return template.replace(DECISION_ID_SLOT, filled)
+
+
+def serialize(message: Message | bytes) -> bytes:
+    """gRPC response serializer that also passes pre-serialized responses through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_service(
+    server: grpc.aio.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> None:
+    """What generated `add_*_to_server` functions do, with our own (de)serializers."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    # Newer grpcio registers methods up front (faster dispatch); the stubs lag behind.
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]
+
 
 class TemplateCache(Generic[M]):
-    """Allow responses built once per distinct decision, then copied and patched per request.
-
-    Building a response with its header options and metadata struct costs about 25 us in
-    Python; copying a prebuilt one costs about 3 us. Bounded: cleared when full.
-    """
+    """Allow responses built once per distinct decision (see DECISION_ID_SLOT). Bounded:
+    cleared when full, so a stream of distinct principals cannot grow it without limit."""
 
     def __init__(self, build: Callable[[Allow], M], max_entries: int = 4096) -> None:
         self._build = build

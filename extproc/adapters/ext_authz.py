@@ -13,7 +13,16 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
-from extproc.adapters.common import TemplateCache, context_from_headers, deny_headers, struct
+from extproc.adapters.common import (
+    DECISION_ID_SLOT,
+    TemplateCache,
+    add_service,
+    context_from_headers,
+    deny_headers,
+    fill_decision_id,
+    serialize,
+    struct,
+)
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.pipeline.run import DecisionCore
@@ -50,33 +59,33 @@ def denied(deny: Deny, decision_id: str) -> pb.CheckResponse:
     )
 
 
-def _ok_template(allow: Allow) -> pb.CheckResponse:
+def _ok_template(allow: Allow) -> bytes:
     mutation = allow_mutation(allow)
-    return pb.CheckResponse(
+    slot = DECISION_ID_SLOT.decode()
+    meta = {**dynamic_metadata(allow), "decision_id": slot}
+    response = pb.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=pb.OkHttpResponse(
-            headers=[_header(k, v) for k, v in mutation.set],
+            headers=[_header(k, v) for k, v in (*mutation.set, (DECISION_ID, slot))],
             headers_to_remove=list(mutation.remove),
         ),
-        dynamic_metadata=struct(dynamic_metadata(allow)),
+        dynamic_metadata=struct(meta),
     )
+    serialized: bytes = response.SerializeToString()
+    return serialized
 
 
 _OK_TEMPLATES = TemplateCache(_ok_template)
 
 
-def ok(allow: Allow, decision_id: str) -> pb.CheckResponse:
-    response = pb.CheckResponse()
-    response.CopyFrom(_OK_TEMPLATES.get(allow))
-    option = response.ok_response.headers.add()
-    option.header.key = DECISION_ID
-    option.header.value = decision_id
-    option.append_action = _OVERWRITE
-    response.dynamic_metadata.fields["decision_id"].string_value = decision_id
-    return response
+def ok(allow: Allow, decision_id: str) -> bytes:
+    """The serialized OK response: the decision's cached bytes with this request's id."""
+    return fill_decision_id(_OK_TEMPLATES.get(allow), decision_id)
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Register with `add_to_server`: OK responses are returned pre-serialized."""
+
     def __init__(self, core: DecisionCore) -> None:
         self._core = core
 
@@ -84,9 +93,23 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         self,
         request: pb.CheckRequest,
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
-    ) -> pb.CheckResponse:
+    ) -> pb.CheckResponse | bytes:
         ctx = context_of(request)
         decision = await self._core.decide(ctx)
         if isinstance(decision, Deny):
             return denied(decision, ctx.decision_id)
         return ok(decision, ctx.decision_id)
+
+
+def add_to_server(service: AuthorizationService, server: grpc.aio.Server) -> None:
+    add_service(
+        server,
+        "envoy.service.auth.v3.Authorization",
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                service.Check,
+                request_deserializer=pb.CheckRequest.FromString,
+                response_serializer=serialize,
+            )
+        },
+    )

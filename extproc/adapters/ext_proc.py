@@ -16,9 +16,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from extproc.adapters.common import (
+    DECISION_ID_SLOT,
     TemplateCache,
+    add_service,
     context_from_headers,
     deny_headers,
+    fill_decision_id,
+    serialize,
     struct,
 )
 from extproc.pipeline.context import RequestContext
@@ -100,43 +104,38 @@ def _common(allow: Allow) -> pb.CommonResponse:
     )
 
 
-def _headers_template(allow: Allow) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=_common(allow)),
-        dynamic_metadata=struct({METADATA_NAMESPACE: dynamic_metadata(allow)}),
-    )
-
-
-def _body_template(allow: Allow) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=_common(allow)),
-        dynamic_metadata=struct({METADATA_NAMESPACE: dynamic_metadata(allow)}),
-    )
+def _template(allow: Allow, phase: str) -> bytes:
+    common = _common(allow)
+    option = common.header_mutation.set_headers.add()
+    option.header.key = DECISION_ID
+    option.header.raw_value = DECISION_ID_SLOT
+    option.append_action = _OVERWRITE
+    meta = dynamic_metadata(allow)
+    meta["decision_id"] = DECISION_ID_SLOT.decode()
+    response = pb.ProcessingResponse(dynamic_metadata=struct({METADATA_NAMESPACE: meta}))
+    if phase == "request_headers":
+        response.request_headers.response.CopyFrom(common)
+    else:
+        response.request_body.response.CopyFrom(common)
+    serialized: bytes = response.SerializeToString()
+    return serialized
 
 
 _TEMPLATES = {
-    "request_headers": TemplateCache(_headers_template),
-    "request_body": TemplateCache(_body_template),
+    "request_headers": TemplateCache(lambda allow: _template(allow, "request_headers")),
+    "request_body": TemplateCache(lambda allow: _template(allow, "request_body")),
 }
 
 
-def allowed(allow: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse:
-    response = pb.ProcessingResponse()
-    response.CopyFrom(_TEMPLATES[phase].get(allow))
-    if phase == "request_headers":
-        common = response.request_headers.response
-    else:
-        common = response.request_body.response
-    option = common.header_mutation.set_headers.add()
-    option.header.key = DECISION_ID
-    option.header.raw_value = decision_id.encode()
-    option.append_action = _OVERWRITE
-    meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
-    meta.fields["decision_id"].string_value = decision_id
-    return response
+def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
+    """The serialized allow response: the decision's cached bytes with this request's id."""
+    return fill_decision_id(_TEMPLATES[phase].get(allow), decision_id)
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Register with `add_to_server` (not the generated function): allow responses are
+    yielded pre-serialized, which the generated serializer would not accept."""
+
     def __init__(self, core: DecisionCore) -> None:
         self._core = core
 
@@ -144,7 +143,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> AsyncIterator[pb.ProcessingResponse | bytes]:
         ctx: RequestContext | None = None
         pending: NeedBody | None = None
         async for request in request_iterator:
@@ -167,7 +166,23 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 yield _PASS_THROUGH[kind]
 
     @staticmethod
-    def _render(decision: Allow | Deny, decision_id: str, phase: str) -> pb.ProcessingResponse:
+    def _render(
+        decision: Allow | Deny, decision_id: str, phase: str
+    ) -> pb.ProcessingResponse | bytes:
         if isinstance(decision, Deny):
             return immediate(decision, decision_id)
         return allowed(decision, decision_id, phase)
+
+
+def add_to_server(service: ExternalProcessorService, server: grpc.aio.Server) -> None:
+    add_service(
+        server,
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        {
+            "Process": grpc.stream_stream_rpc_method_handler(
+                service.Process,
+                request_deserializer=pb.ProcessingRequest.FromString,
+                response_serializer=serialize,
+            )
+        },
+    )

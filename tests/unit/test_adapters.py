@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.adapters import ext_authz, ext_proc
-from extproc.adapters.common import context_from_headers, host_without_port
+from extproc.adapters.common import context_from_headers, host_without_port, serialize
 from extproc.authn.base import Identity
 from extproc.pipeline.decision import Allow, unauthenticated
 
@@ -46,13 +48,20 @@ def _decision_ids(response: pb.ProcessingResponse) -> list[bytes]:
     return [o.header.raw_value for o in options if o.header.key == "x-gateway-decision-id"]
 
 
+ID1, ID2, ID3, ID9 = (f"{n:032x}" for n in (1, 2, 3, 9))
+
+
+def _allowed(a: Allow, decision_id: str, phase: str) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse.FromString(ext_proc.allowed(a, decision_id, phase))
+
+
 def test_cached_templates_are_patched_per_request_and_never_shared() -> None:
-    first = ext_proc.allowed(allow("alice"), "id-1", "request_headers")
-    second = ext_proc.allowed(allow("alice"), "id-2", "request_headers")
-    other = ext_proc.allowed(allow("bob", tenant=None), "id-3", "request_headers")
-    assert _decision_ids(first) == [b"id-1"] and _decision_ids(second) == [b"id-2"]
+    first = _allowed(allow("alice"), ID1, "request_headers")
+    second = _allowed(allow("alice"), ID2, "request_headers")
+    other = _allowed(allow("bob", tenant=None), ID3, "request_headers")
+    assert _decision_ids(first) == [ID1.encode()] and _decision_ids(second) == [ID2.encode()]
     meta = second.dynamic_metadata.fields[ext_proc.METADATA_NAMESPACE].struct_value.fields
-    assert meta["decision_id"].string_value == "id-2"
+    assert meta["decision_id"].string_value == ID2
     assert meta["principal"].string_value == "alice"
     mutation = other.request_headers.response.header_mutation
     values = {o.header.key: o.header.raw_value for o in mutation.set_headers}
@@ -63,17 +72,32 @@ def test_cached_templates_are_patched_per_request_and_never_shared() -> None:
 
 
 def test_body_phase_and_ext_authz_carry_the_same_facts() -> None:
-    body = ext_proc.allowed(allow("alice"), "id-9", "request_body")
+    body = _allowed(allow("alice"), ID9, "request_body")
     assert body.request_body.response.clear_route_cache
-    check = ext_authz.ok(allow("alice"), "id-9")
+    assert _decision_ids_of(body.request_body.response) == [ID9.encode()]
+    check = CheckResponse.FromString(ext_authz.ok(allow("alice"), ID9))
     headers = {o.header.key: o.header.value for o in check.ok_response.headers}
-    assert headers["x-gateway-decision-id"] == "id-9"
+    assert headers["x-gateway-decision-id"] == ID9
     assert headers["x-gateway-cluster"] == "chat-v1"
-    assert check.dynamic_metadata.fields["decision_id"].string_value == "id-9"
-    assert (
-        ext_authz.ok(allow("alice"), "id-10").dynamic_metadata.fields["decision_id"].string_value
-        == "id-10"
-    )
+    assert check.dynamic_metadata.fields["decision_id"].string_value == ID9
+    again = CheckResponse.FromString(ext_authz.ok(allow("alice"), ID1))
+    assert again.dynamic_metadata.fields["decision_id"].string_value == ID1
+
+
+def _decision_ids_of(common: pb.CommonResponse) -> list[bytes]:
+    options = common.header_mutation.set_headers
+    return [o.header.raw_value for o in options if o.header.key == "x-gateway-decision-id"]
+
+
+def test_a_decision_id_of_another_length_is_refused_not_spliced() -> None:
+    with pytest.raises(ValueError, match="32 characters"):
+        ext_proc.allowed(allow("alice"), "short", "request_headers")
+
+
+def test_serializer_passes_bytes_and_serializes_messages() -> None:
+    assert serialize(b"abc") == b"abc"
+    message = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    assert serialize(message) == message.SerializeToString()
 
 
 def test_denials_render_json_and_challenge() -> None:
