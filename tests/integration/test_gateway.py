@@ -237,7 +237,7 @@ def test_spoofed_identity_headers_are_replaced(gw: Gateway) -> None:
     assert values["x-gateway-decision-id"] != ["forged"]
 
 
-def test_spoofed_tenant_removed_when_identity_has_none(gw: Gateway) -> None:
+def test_caller_without_tenant_cannot_borrow_one_from_a_header(gw: Gateway) -> None:
     r = gw.client.post(
         CHAT, json=chat_body(), headers={**bearer(gw.jwt(tenant=None)), "x-gateway-tenant": "demo"}
     )
