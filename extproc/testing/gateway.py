@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,20 @@ class Gateway:
         base: dict[str, Any] = {"sub": "bob", "tenant": "demo", "roles": ["chat"]}
         base.update(claims)
         return self.stack.issuer.mint(base)
+
+    def await_status(
+        self, path: str, body: Any, headers: dict[str, str], status: int, within: float = 10.0
+    ) -> None:
+        """Repeat the POST until it answers `status` (keys reload, servers restart, certs
+        rotate); fail after `within` seconds with the last status seen."""
+        deadline = time.monotonic() + within
+        last = None
+        while time.monotonic() < deadline:
+            last = self.client.post(path, json=body, headers=headers).status_code
+            if last == status:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{path} still answered {last}, not {status}, after {within} s")
 
     def received(self, pod: str) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = self.pods.get(

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.testing.gateway import Gateway, make_stack
+from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
+from extproc.demo.issuer import ensure_demo_issuer
+from extproc.demo.stack import free_port
+from extproc.testing.gateway import REPO, Gateway, make_stack
+from extproc.tls import renew_certs
 
 IRIS = "/v2/models/iris/infer"
 IRIS_BODY = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
@@ -74,13 +87,7 @@ def test_decision_server_down_means_refused_never_forwarded(two_workers: Gateway
         assert gw.received_total() == 0
     finally:
         gw.stack.start_decision_server()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 200:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("service did not recover after the decision server came back")
+    gw.await_status(IRIS, IRIS_BODY, headers, 200, within=15)  # recovers by itself
 
 
 def test_shutdown_lets_in_flight_streams_finish(two_workers: Gateway) -> None:
@@ -126,10 +133,6 @@ def test_shutdown_lets_in_flight_streams_finish(two_workers: Gateway) -> None:
 
 
 def _decision_server_serial(gw: Gateway) -> int:
-    import socket
-    import ssl
-
-    from cryptography import x509
 
     pki = gw.stack.pki
     assert pki is not None
@@ -146,8 +149,6 @@ def _decision_server_serial(gw: Gateway) -> int:
 
 
 def test_renewed_certificates_are_used_without_restart(two_workers: Gateway) -> None:
-    from extproc.tls import renew_certs
-
     gw = two_workers
     pid_before = gw.stack.procs["decision-server"].popen.pid
     before = _decision_server_serial(gw)
@@ -166,25 +167,18 @@ def test_renewed_certificates_are_used_without_restart(two_workers: Gateway) -> 
         raise AssertionError("the decision server kept serving the old certificate")
     assert len(serials) == 2
     assert gw.stack.procs["decision-server"].popen.pid == pid_before  # no restart
-    headers = {"authorization": f"Bearer {gw.iris_key}"}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # Envoy's pooled connections keep working or reconnect
-        if gw.client.post(IRIS, json=IRIS_BODY, headers=headers).status_code == 200:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("gateway stopped serving after certificate renewal")
+    # Envoy's pooled connections keep working or reconnect with the new certificate.
+    gw.await_status(IRIS, IRIS_BODY, {"authorization": f"Bearer {gw.iris_key}"}, 200)
 
 
-def _channel(gw: Gateway) -> object:
-    import grpc
-
+def _channel(gw: Gateway, client_cert: bool = True) -> grpc.Channel:
+    """A channel to the decision server as Envoy has it: with Envoy's client certificate."""
     pki = gw.stack.pki
     assert pki is not None
     creds = grpc.ssl_channel_credentials(
         root_certificates=pki.ca_cert.read_bytes(),
-        private_key=pki.envoy_client_key.read_bytes(),
-        certificate_chain=pki.envoy_client_cert.read_bytes(),
+        private_key=pki.envoy_client_key.read_bytes() if client_cert else None,
+        certificate_chain=pki.envoy_client_cert.read_bytes() if client_cert else None,
     )
     return grpc.secure_channel(
         f"127.0.0.1:{gw.stack.decision_port}",
@@ -194,13 +188,8 @@ def _channel(gw: Gateway) -> object:
 
 
 def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
-
     gw = two_workers
-    with _channel(gw) as channel:  # type: ignore[attr-defined]
+    with _channel(gw) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"),
             timeout=5,
@@ -236,14 +225,7 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
             "demo-chat", "v2", "demo-chat-v2"
         )  # fmt: skip
     # Without a client certificate the server refuses the connection.
-    pki = gw.stack.pki
-    assert pki is not None
-    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
-    with grpc.secure_channel(
-        f"127.0.0.1:{gw.stack.decision_port}",
-        creds,
-        options=[("grpc.ssl_target_name_override", "localhost")],
-    ) as anonymous:
+    with _channel(gw, client_cert=False) as anonymous:
         with pytest.raises(grpc.RpcError) as info:
             admin_pb2_grpc.AdminStub(anonymous).GetPolicyRevision(
                 admin_pb2.GetPolicyRevisionRequest(), timeout=5
@@ -264,15 +246,6 @@ def _workers_of(pid: int) -> list[int]:
 
 def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
     """SIGKILL cannot be forwarded: workers must still go, or they keep serving stale policy."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from extproc.demo.issuer import ensure_demo_issuer
-    from extproc.demo.stack import free_port
-    from extproc.testing.gateway import REPO
-
     shutil.copytree(REPO / "policies", tmp_path / "policies")
     ensure_demo_issuer(tmp_path / ".run" / "demo")
     port = free_port()
