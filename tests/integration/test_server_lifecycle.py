@@ -230,7 +230,7 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
             admin_pb2_grpc.AdminStub(anonymous).GetPolicyRevision(
                 admin_pb2.GetPolicyRevisionRequest(), timeout=5
             )
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _workers_of(pid: int) -> list[int]:
