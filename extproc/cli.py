@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
             insecure=True if args.insecure else None,
             grace_seconds=args.grace_seconds,
             log_level=args.log_level,
+            quota_store=args.quota_store,
         )
     except ValueError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grace-seconds", type=float, help="drain time on shutdown")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--quota-store",
+        help="memory (default; one process) or a shared redis://, redis+cluster:// URL "
+        "(EXTPROC_QUOTA_STORE)",
+    )
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="tools for policy files")

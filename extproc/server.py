@@ -28,6 +28,8 @@ from extproc.authn.apikey import ApiKeyStore
 from extproc.parent_death import die_with_parent
 from extproc.pipeline.run import DecisionCore
 from extproc.policy.store import PolicyStore
+from extproc.quota.admit import QuotaEngine
+from extproc.quota.factory import open_quota_store
 from extproc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     """Run one worker until SIGTERM/SIGINT, then drain in-flight streams for grace_seconds."""
     api_keys = ApiKeyStore.load(settings.api_keys_file)
     store = PolicyStore(settings.policy_dir, api_keys, os.environ)
-    core = DecisionCore(store)
+    core = DecisionCore(store, QuotaEngine(await open_quota_store(settings)))
     server, health_servicer, port = build_server(settings, core, store)
     await server.start()
     await _warm_key_sources(store)
@@ -167,6 +169,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
         await watcher
     for source in store.resources.key_sources.values():
         await source.aclose()
+    await core.quotas.close()
 
 
 def run_worker(settings: Settings) -> None:
@@ -205,6 +208,7 @@ def _supervise(settings: Settings) -> int:
     configure_logging(settings.log_level)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+
     def spawn() -> multiprocessing.process.BaseProcess:
         return ctx.Process(target=_run_supervised_worker, args=(settings, os.getpid()))
 

@@ -8,6 +8,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+QUOTA_STORE_SCHEMES = frozenset(
+    f"{base}{suffix}"
+    for base in ("redis", "rediss", "valkey", "valkeys")
+    for suffix in ("", "+cluster")
+) | {"unix"}
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -22,6 +28,12 @@ class Settings:
     insecure: bool = False
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Where quota counters live: "memory" (in this process: one replica, one worker) or a
+    # Redis/Valkey URL shared by replicas: valkey:// or redis:// (valkeys://, rediss:// with
+    # TLS), valkey+cluster:// or redis+cluster:// for a Cluster, unix:// for a local socket.
+    quota_store: str = "memory"
+    # Budget for one quota decision against the store; past it the policy's failure mode applies.
+    quota_timeout_ms: int = 250
 
     def validate(self) -> list[str]:
         problems = []
@@ -45,6 +57,19 @@ class Settings:
             problems.append(f"listen must be HOST:PORT, got {self.listen!r}")
         elif self.workers > 1 and int(port) == 0:
             problems.append("several workers share one port: give a fixed port, not 0")
+        scheme = self.quota_store.partition("://")[0]
+        if self.quota_store != "memory" and scheme not in QUOTA_STORE_SCHEMES:
+            problems.append(
+                "quota_store must be memory or a valkey://, redis://, valkey+cluster://, "
+                "redis+cluster:// (valkeys, rediss for TLS) or unix:// URL"
+            )
+        if self.quota_store == "memory" and self.workers > 1:
+            problems.append(
+                "the memory quota store counts per process: with several workers, share a "
+                "Redis/Valkey store (EXTPROC_QUOTA_STORE=redis://...)"
+            )
+        if not 5 <= self.quota_timeout_ms <= 5000:
+            problems.append("quota_timeout_ms must be between 5 and 5000")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must be >= 0")
         return problems

@@ -2,9 +2,15 @@
 
 The same decision core as ext_proc; identity leaves as headers (overwrite) and as dynamic
 metadata, which Envoy files under `envoy.filters.http.ext_authz` for later filters.
+
+ext_authz never sees the response, so quotas that must know when a request ends (concurrency,
+overload caps) cannot be enforced here: a request under them is refused (503) rather than let
+through uncounted. Request and cost quotas work; a cost reservation is never settled or refunded.
 """
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -29,6 +35,15 @@ from extproc.pipeline.run import DecisionCore
 from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+log = logging.getLogger(__name__)
+NEEDS_EXT_PROC = Deny(
+    status=503,
+    code="unavailable",
+    message="this model cannot be served right now",
+    phase="admit",
+    reason="quota_needs_ext_proc",
+    headers=(("retry-after", "60"),),
+)
 
 
 def _header(name: str, value: str) -> HeaderValueOption:
@@ -79,8 +94,17 @@ _OK_TEMPLATES = TemplateCache(_ok_template)
 
 
 def ok(allow: Allow, decision_id: str) -> bytes:
-    """The serialized OK response: the decision's cached bytes with this request's id."""
-    return fill_decision_id(_OK_TEMPLATES.get(allow), decision_id)
+    """The serialized OK response: the decision's cached bytes with this request's id, plus
+    this request's RateLimit fields (appended: protobuf merges concatenated messages)."""
+    out = fill_decision_id(_OK_TEMPLATES.get(allow), decision_id)
+    if allow.admission is not None and allow.admission.headers:
+        extra = pb.CheckResponse(
+            ok_response=pb.OkHttpResponse(
+                response_headers_to_add=[_header(k, v) for k, v in allow.admission.headers]
+            )
+        )
+        out += extra.SerializeToString()
+    return out
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -96,6 +120,17 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     ) -> pb.CheckResponse | bytes:
         ctx = context_of(request)
         decision = await self._core.decide(ctx)
+        if isinstance(decision, Allow) and decision.admission is not None:
+            admission = decision.admission
+            if admission.needs_end:
+                await admission.finish()
+                log.error(
+                    "policy %s has concurrency or overload quotas, which need the ext_proc "
+                    "filter; refusing (decision %s)",
+                    decision.policy,
+                    ctx.decision_id,
+                )
+                decision = NEEDS_EXT_PROC
         if isinstance(decision, Deny):
             return denied(decision, ctx.decision_id)
         return ok(decision, ctx.decision_id)

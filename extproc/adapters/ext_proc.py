@@ -1,11 +1,16 @@
 """envoy.service.ext_proc.v3.ExternalProcessor: one stream per request, phases as messages.
 
-Authentication and authorization run at the request-headers message; a denial is an immediate
-response. The request body is asked for (mode_override) only when the route needs it.
+Authentication, authorization and admission run at the request-headers message (or at the
+request body, when the model or a cost estimate needs it); a denial is an immediate response.
+Envoy is asked (mode_override) for the body only when the route needs it, and for the response
+only when the request holds quotas: the response headers carry RateLimit fields and the status
+that decides a refund; the response body (streamed) carries the usage a cost quota settles to.
+The stream's end frees whatever the request held.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -29,22 +34,42 @@ from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny, NeedBody
 from extproc.pipeline.run import DecisionCore
 from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
+from extproc.quota.admit import Admission
+from extproc.quota.usage import SseUsageTracker, usage_from_json
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-# Asking for the body must restate every mode: DEFAULT would mean "send" for header phases.
-_SEND_BODY = pb.ProcessingResponse(
-    request_headers=pb.HeadersResponse(),
-    mode_override=ProcessingMode(
+
+def _modes(
+    request_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
+    response_headers: bool = False,
+    response_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
+) -> ProcessingMode:
+    # An override must restate every mode: DEFAULT would mean "send" for header phases.
+    return ProcessingMode(
         request_header_mode=ProcessingMode.SEND,
-        response_header_mode=ProcessingMode.SKIP,
-        request_body_mode=ProcessingMode.BUFFERED,
-        response_body_mode=ProcessingMode.NONE,
+        response_header_mode=ProcessingMode.SEND if response_headers else ProcessingMode.SKIP,
+        request_body_mode=request_body,
+        response_body_mode=response_body,
         request_trailer_mode=ProcessingMode.SKIP,
         response_trailer_mode=ProcessingMode.SKIP,
-    ),
-)
+    )
+
+
+# mode_override is only honoured on header responses: a request that may be admitted at its
+# body must ask for the response headers already here.
+_SEND_BODY = {
+    watch: pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(),
+        mode_override=_modes(ProcessingMode.BUFFERED, response_headers=watch),
+    )
+    for watch in (False, True)
+}
+_WATCH_RESPONSE = _modes(response_headers=True)
+_STREAM_RESPONSE_BODY = _modes(response_headers=True, response_body=ProcessingMode.STREAMED)
+# A JSON response larger than this is not parsed for usage: the reservation stands.
+MAX_JSON_USAGE_BODY = 1024 * 1024
 _PASS_THROUGH = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
@@ -104,7 +129,7 @@ def _common(allow: Allow) -> pb.CommonResponse:
     )
 
 
-def _template(allow: Allow, phase: str) -> bytes:
+def _template(allow: Allow, phase: str, watch: bool) -> bytes:
     common = _common(allow)
     option = common.header_mutation.set_headers.add()
     option.header.key = DECISION_ID
@@ -115,6 +140,8 @@ def _template(allow: Allow, phase: str) -> bytes:
     response = pb.ProcessingResponse(dynamic_metadata=struct({METADATA_NAMESPACE: meta}))
     if phase == "request_headers":
         response.request_headers.response.CopyFrom(common)
+        if watch:
+            response.mode_override.CopyFrom(_WATCH_RESPONSE)
     else:
         response.request_body.response.CopyFrom(common)
     serialized: bytes = response.SerializeToString()
@@ -122,14 +149,88 @@ def _template(allow: Allow, phase: str) -> bytes:
 
 
 _TEMPLATES = {
-    "request_headers": TemplateCache(lambda allow: _template(allow, "request_headers")),
-    "request_body": TemplateCache(lambda allow: _template(allow, "request_body")),
+    (phase, watch): TemplateCache(functools.partial(_template, phase=phase, watch=watch))
+    for phase in ("request_headers", "request_body")
+    for watch in (False, True)
 }
 
 
 def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
-    """The serialized allow response: the decision's cached bytes with this request's id."""
-    return fill_decision_id(_TEMPLATES[phase].get(allow), decision_id)
+    """The serialized allow response: the decision's cached bytes with this request's id, and
+    a replacement body when the decision has one (appended: protobuf merges concatenated
+    messages, so the cached part is never rebuilt)."""
+    watch = allow.admission is not None and allow.admission.wants_response
+    out = fill_decision_id(_TEMPLATES[phase, watch].get(allow), decision_id)
+    if allow.body is not None and phase == "request_body":
+        extra = pb.ProcessingResponse(
+            request_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(
+                        set_headers=[_header("content-length", str(len(allow.body)))]
+                    ),
+                    body_mutation=pb.BodyMutation(body=allow.body),
+                )
+            )
+        )
+        out += extra.SerializeToString()
+    return out
+
+
+class ResponseWatch:
+    """Reads the usage a cost quota settles to from the streamed response body, forwarding
+    every chunk (minus the usage event the gateway itself asked for)."""
+
+    def __init__(self, admission: Admission, sse: bool) -> None:
+        self.admission = admission
+        self._sse = SseUsageTracker(strip_usage_chunk=admission.strip_usage) if sse else None
+        self._json = bytearray()
+        self._json_overflow = False
+
+    def on_chunk(self, chunk: bytes, end: bool) -> pb.ProcessingResponse:
+        forwarded: bytes | None = None
+        usage = None
+        if self._sse is not None:
+            forwarded = self._sse.feed(chunk)
+            if end:
+                forwarded += self._sse.finish()
+                usage = self._sse.usage
+        else:
+            if len(self._json) + len(chunk) > MAX_JSON_USAGE_BODY:
+                self._json_overflow = True
+                self._json.clear()
+            elif not self._json_overflow:
+                self._json += chunk
+            if end and not self._json_overflow:
+                usage = usage_from_json(bytes(self._json))
+        if end:
+            self.admission.close_soon(usage)
+        common = pb.CommonResponse()
+        if forwarded is not None and forwarded != chunk:
+            common.body_mutation.body = forwarded
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+
+def on_response_headers(
+    admission: Admission, message: pb.HttpHeaders
+) -> tuple[pb.ProcessingResponse, ResponseWatch | None]:
+    headers = headers_of(message)
+    try:
+        status = int(headers.get(":status", "0"))
+    except ValueError:
+        status = 0
+    admission.on_response(status)
+    mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in admission.headers])
+    response = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+    )
+    watch = None
+    if admission.wants_usage and 200 <= status < 300 and not message.end_of_stream:
+        sse = headers.get("content-type", "").startswith("text/event-stream")
+        watch = ResponseWatch(admission, sse)
+        response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
+        if sse and admission.strip_usage:
+            mutation.remove_headers.append("content-length")  # the body shrinks
+    return response, watch
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -146,24 +247,43 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
     ) -> AsyncIterator[pb.ProcessingResponse | bytes]:
         ctx: RequestContext | None = None
         pending: NeedBody | None = None
-        async for request in request_iterator:
-            kind = request.WhichOneof("request")
-            if kind == "request_headers":
-                ctx = context_from_headers(headers_of(request.request_headers))
-                decision = await self._core.on_headers(ctx)
-                if isinstance(decision, NeedBody):
-                    if not request.request_headers.end_of_stream:
-                        pending = decision
-                        yield _SEND_BODY
-                        continue
-                    decision = await self._core.on_body(ctx, decision, b"")
-                yield self._render(decision, ctx.decision_id, kind)
-            elif kind == "request_body" and pending is not None and ctx is not None:
-                decision = await self._core.on_body(ctx, pending, request.request_body.body)
-                pending = None
-                yield self._render(decision, ctx.decision_id, kind)
-            elif kind is not None:
-                yield _PASS_THROUGH[kind]
+        admission: Admission | None = None
+        watch: ResponseWatch | None = None
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("request")
+                if kind == "request_headers":
+                    ctx = context_from_headers(headers_of(request.request_headers))
+                    decision = await self._core.on_headers(ctx)
+                    if isinstance(decision, NeedBody):
+                        if not request.request_headers.end_of_stream:
+                            pending = decision
+                            yield _SEND_BODY[decision.watch_response]
+                            continue
+                        decision = await self._core.on_body(ctx, decision, b"")
+                    if isinstance(decision, Allow):
+                        admission = decision.admission
+                    yield self._render(decision, ctx.decision_id, kind)
+                elif kind == "request_body" and pending is not None and ctx is not None:
+                    decision = await self._core.on_body(ctx, pending, request.request_body.body)
+                    pending = None
+                    if isinstance(decision, Allow):
+                        admission = decision.admission
+                    yield self._render(decision, ctx.decision_id, kind)
+                elif kind == "response_headers" and admission is not None:
+                    response, watch = on_response_headers(admission, request.response_headers)
+                    if watch is None and request.response_headers.end_of_stream:
+                        admission.close_soon()
+                    yield response
+                elif kind == "response_body" and watch is not None:
+                    body = request.response_body
+                    yield watch.on_chunk(body.body, body.end_of_stream)
+                elif kind is not None:
+                    yield _PASS_THROUGH[kind]
+        finally:
+            # However the exchange ended (done, client gone, Envoy reset): free what it held.
+            if admission is not None:
+                admission.close_soon()
 
     @staticmethod
     def _render(

@@ -25,6 +25,9 @@ from extproc.demo.pod_server import (
 # Small on purpose: a value in the echo (a secret, a name) then spans several SSE events, which is
 # exactly what a streaming response scanner has to cope with.
 STREAM_CHUNK_CHARS = 4
+DEMO_STATUS_HEADER = "x-demo-status"  # answer with this 4xx/5xx status instead
+DEMO_DELAY_HEADER = "x-demo-delay-ms"  # pause between streamed events
+MAX_DEMO_DELAY_MS = 5000
 
 
 def count_tokens(text: str) -> int:
@@ -152,6 +155,12 @@ class ChatApp(App):
         return self.ok({"object": "list", "data": [model]})
 
     def _completions(self, req: Request, _m: re.Match[str]) -> Response:
+        # Demo knobs (a model that fails or streams slowly) for quota tests and demos.
+        status = req.headers.get(DEMO_STATUS_HEADER, "")
+        if status.isdigit() and 400 <= int(status) <= 599:
+            raise HttpError(int(status), "failing as asked by x-demo-status")
+        delay = req.headers.get(DEMO_DELAY_HEADER, "")
+        delay_s = min(int(delay), MAX_DEMO_DELAY_MS) / 1000 if delay.isdigit() else 0.0
         chat = _parse_chat(json_object(req.body), self.name)
         echo, finish = _echo(chat)
         prompt = sum(count_tokens(text) for _, text in chat.messages)
@@ -170,7 +179,9 @@ class ChatApp(App):
         }
         if chat.stream:
             events = self._events(head, echo, finish, usage if chat.include_usage else None)
-            return Response(200, content_type="text/event-stream", stream=events)
+            return Response(
+                200, content_type="text/event-stream", stream=events, chunk_delay_s=delay_s
+            )
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": echo},

@@ -18,9 +18,10 @@ import re
 import socket
 import socketserver
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, TypedDict, cast
 
@@ -58,6 +59,7 @@ class Request:
     method: str
     path: str  # percent-encoded, without the query string
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-case
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class Response:
     # When set, sent with chunked transfer encoding, one HTTP chunk per item. Built up front so a
     # bug cannot surface halfway through a response whose status line is already on the wire.
     stream: tuple[bytes, ...] | None = None
+    # Pause before each streamed chunk after the first (a slow model, for tests and demos).
+    chunk_delay_s: float = 0.0
 
 
 class HttpError(Exception):
@@ -292,7 +296,12 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
             return
         if record:
             self._record(body, len(body))
-        self._send(self._respond(app, Request(self.command, path, body)))
+        self._send(
+            self._respond(
+                app,
+                Request(self.command, path, body, {k.lower(): v for k, v in self.headers.items()}),
+            )
+        )
 
     def _respond(self, app: App, request: Request) -> Response:
         try:
@@ -393,7 +402,9 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         # wfile is unbuffered, so every event leaves as its own chunk, as a real model's would.
-        for piece in response.stream:
+        for i, piece in enumerate(response.stream):
+            if i and response.chunk_delay_s:
+                time.sleep(response.chunk_delay_s)
             if piece:  # an empty chunk would end the body early
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
         self.wfile.write(b"0\r\n\r\n")

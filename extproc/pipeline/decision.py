@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 
 from extproc.authn.base import Identity
 from extproc.policy.compiled import RouteEntry
+
+if TYPE_CHECKING:
+    from extproc.quota.admit import Admission
 
 Phase = Literal["route", "authenticate", "authorize", "admit", "inspect", "internal"]
 
@@ -40,6 +43,10 @@ class Allow:
     version: str
     cluster: str
     credential_headers: tuple[str, ...] = ("authorization",)
+    # What the request holds under its quotas until its response ends (None: no quotas).
+    admission: Admission | None = field(default=None, compare=False)
+    # A replacement request body (e.g. asking the upstream to report streamed usage).
+    body: bytes | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,13 @@ class NeedBody:
 
     identity: Identity
     route: RouteEntry
+    # Already authorized; the body is needed only to estimate cost for admission.
+    allow: Allow | None = None
+
+    @property
+    def watch_response(self) -> bool:
+        """Envoy must send the response headers too (asked for now: later is too late)."""
+        return self.route.quota_active
 
 
 Decision = Allow | Deny

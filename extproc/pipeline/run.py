@@ -3,11 +3,13 @@
 1. route        which policy owns the request (host, path; the body's model on shared paths)
 2. authenticate the first accepted method that succeeds wins; none -> 401
 3. authorize    every applicable rule passes -> else 403; picks the version and its cluster
-Later phases (admit, inspect, respond, record) plug in here.
+4. admit        every applicable quota has room -> else 429 (or 503 when the store is down)
+Later phases (inspect, respond, record) plug in here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Protocol
@@ -30,6 +32,10 @@ from extproc.pipeline.decision import (
     unauthenticated,
 )
 from extproc.policy.compiled import CompiledPolicy, PolicySet
+from extproc.quota.admit import QuotaEngine
+from extproc.quota.cost import request_facts
+from extproc.quota.memory import MemoryStore
+from extproc.quota.usage import ensure_stream_usage
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,9 @@ class PolicySource(Protocol):
 
 
 class DecisionCore:
-    def __init__(self, policies: PolicySource) -> None:
+    def __init__(self, policies: PolicySource, quotas: QuotaEngine | None = None) -> None:
         self._policies = policies
+        self.quotas = quotas if quotas is not None else QuotaEngine(MemoryStore())
 
     async def on_headers(self, ctx: RequestContext) -> HeadersDecision:
         try:
@@ -55,7 +62,7 @@ class DecisionCore:
 
     async def on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
         try:
-            return self._on_body(ctx, pending, body)
+            return await self._on_body(ctx, pending, body)
         except Exception:
             log.exception("decision %s failed at request body", ctx.decision_id)
             return internal_error("exception_at_body")
@@ -79,10 +86,20 @@ class DecisionCore:
             return identity
         if route.owner is None:
             return NeedBody(identity, route)
-        return authorize(route.owner, identity, ctx.headers)
+        decision = authorize(route.owner, identity, ctx.headers)
+        if isinstance(decision, Deny) or not route.owner.quotas.active:
+            return decision
+        if route.owner.quotas.needs_body:
+            return NeedBody(identity, route, allow=decision)
+        return await self._admit(route.owner, decision, ctx, None)
 
-    def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
-        model = body_model(body)
+    async def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
+        if pending.allow is not None and pending.route.owner is not None:
+            return await self._admit(pending.route.owner, pending.allow, ctx, body)
+        doc = parse_json(body)
+        if isinstance(doc, Deny):
+            return doc
+        model = body_model(doc)
         if isinstance(model, Deny):
             return model
         policy = pending.route.by_model.get(model)
@@ -95,7 +112,40 @@ class DecisionCore:
             return unauthenticated(
                 "method_not_accepted", "this credential is not accepted for this model"
             )
-        return authorize(policy, pending.identity, ctx.headers)
+        decision = authorize(policy, pending.identity, ctx.headers)
+        if isinstance(decision, Deny) or not policy.quotas.active:
+            return decision
+        return await self._admit(policy, decision, ctx, body, doc)
+
+    async def _admit(
+        self,
+        policy: CompiledPolicy,
+        allow: Allow,
+        ctx: RequestContext,
+        body: bytes | None,
+        doc: object = None,
+    ) -> Decision:
+        plan = policy.quotas
+        facts = None
+        new_body = None
+        strip_usage = False
+        if plan.needs_body:
+            if doc is None:
+                doc = parse_json(body or b"{}")
+                if isinstance(doc, Deny):
+                    return doc
+            facts = request_facts(doc, len(body or b""))
+            if plan.settles and isinstance(doc, dict) and ensure_stream_usage(doc):
+                # The upstream reports streamed usage only when asked; the client did not
+                # ask, so the extra usage event is taken out of its stream again.
+                new_body, strip_usage = orjson.dumps(doc), True
+        outcome = await self.quotas.admit(
+            plan, allow.identity, allow.version, facts, ctx.decision_id
+        )
+        if isinstance(outcome, Deny):
+            return outcome
+        outcome.strip_usage = strip_usage
+        return dataclasses.replace(allow, admission=outcome, body=new_body)
 
 
 def method_not_allowed(methods: frozenset[str]) -> Deny:
@@ -137,12 +187,15 @@ def authorize(policy: CompiledPolicy, identity: Identity, headers: Mapping[str, 
     return Allow(identity, policy.model, policy.model, version, cluster, policy.credential_headers)
 
 
-def body_model(body: bytes) -> str | Deny:
-    """The JSON body's top-level `model` field: the one authoritative model name."""
+def parse_json(body: bytes) -> object:
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return bad_request("invalid_json", "the request body is not valid JSON", "invalid_json")
+
+
+def body_model(doc: object) -> str | Deny:
+    """The JSON body's top-level `model` field: the one authoritative model name."""
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME:
         return bad_request(

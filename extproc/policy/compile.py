@@ -16,6 +16,7 @@ from extproc.authz.rules import compile_rule
 from extproc.policy.compiled import CompiledPolicy, PolicySet, RouteEntry
 from extproc.policy.load import PolicyError, PolicyFile, PolicyLoadError
 from extproc.policy.schema import ApiKeyMethod, JwtMethod, Policy
+from extproc.quota.plan import QuotaCompileError, compile_quotas
 
 
 @dataclass
@@ -114,6 +115,7 @@ def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
         rules=tuple(compile_rule(r) for r in policy.authorization.rules),
         allow_any_authenticated=policy.authorization.allow_any_authenticated,
         credential_headers=("authorization", *sorted(key_headers)),
+        quotas=compile_quotas(policy.model, policy.quotas),
     )
 
 
@@ -195,6 +197,8 @@ def compile_policy_set(files: list[PolicyFile], res: CompileResources) -> Policy
     for pf in files:
         try:
             compiled.append(compile_policy(pf, res))
+        except QuotaCompileError as exc:
+            errors.append(PolicyError(str(pf.path), exc.field, str(exc)))
         except ValueError as exc:
             errors.append(PolicyError(str(pf.path), "authentication", str(exc)))
     if errors:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from extproc.authn.base import Authenticator, Identity
 from extproc.authz.rules import CompiledRule
+from extproc.quota.plan import NO_QUOTAS, QuotaPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class CompiledPolicy:
     # Every header that can carry a credential for this model: all are removed upstream, not
     # only the one that authenticated, so a second credential never leaks to the model.
     credential_headers: tuple[str, ...] = ("authorization",)
+    quotas: QuotaPlan = NO_QUOTAS
 
     def accepts(self, identity: Identity) -> bool:
         """Whether this policy accepts the method (and JWT issuer) that produced `identity`."""
@@ -46,6 +48,13 @@ class RouteEntry:
     # For body-selected routes: every candidate's authenticators, so a caller is authenticated
     # (and a missing credential refused) before the body is even requested.
     authenticators: tuple[Authenticator, ...] = ()
+
+    @property
+    def quota_active(self) -> bool:
+        """Some model here has quotas, so Envoy must also show us the response."""
+        if self.owner is not None:
+            return self.owner.quotas.active
+        return any(p.quotas.active for p in self.by_model.values())
 
     def matches(self, host: str, path: str) -> bool:
         if self.host is not None and self.host != host:

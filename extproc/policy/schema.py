@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
 
+from extproc.quota.schema import Quotas
+
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 ClusterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 HeaderName = Annotated[
@@ -185,6 +187,7 @@ class Policy(Strict):
     versions: list[Version] = Field(min_length=1)
     authentication: list[AuthMethod] = Field(min_length=1)
     authorization: Authorization
+    quotas: Quotas = Field(default_factory=Quotas, description="How much callers may use.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -198,6 +201,10 @@ class Policy(Strict):
             unknown = set(rule.versions or ()) - set(names)
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown versions {sorted(unknown)}")
+        for quota in self.quotas.rules:
+            unknown = set(quota.versions or ()) - set(names)
+            if unknown:
+                raise ValueError(f"quota {quota.name!r} names unknown versions {sorted(unknown)}")
         if self.model in self.aliases:
             raise ValueError("aliases must differ from model")
         return self

@@ -36,7 +36,7 @@ def _listening(port: int) -> bool:
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     shutil.copytree(REPO / "policies", tmp_path / "policies")
     names = ("GATEWAY_PORT", "ENVOY_ADMIN_PORT", "DECISION_PORT", "CHAT_V1_PORT", "CHAT_V2_PORT",
-             "OIP_V1_PORT")  # fmt: skip
+             "OIP_V1_PORT", "VALKEY_PORT")  # fmt: skip
     ports = {name: free_port() for name in names}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
     proc = subprocess.Popen(
@@ -76,6 +76,8 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                 headers={"authorization": f"Bearer {demo['DEMO_API_KEY']}"},
             )  # fmt: skip
             assert chat.status_code == 200, chat.text
+            # The demo key's request quota is small and announced on every answer.
+            assert chat.headers["ratelimit-policy"].startswith('"requests-per-caller";q=300;w=60')
             iris = client.post(
                 "/v2/models/iris/infer",
                 json={"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],

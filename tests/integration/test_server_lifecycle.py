@@ -35,7 +35,8 @@ IRIS_BODY = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    stack = make_stack(tmp_path_factory.mktemp("workers"), workers=2)
+    # Several workers share their quota counters (the demo policies have quotas) in valkey.
+    stack = make_stack(tmp_path_factory.mktemp("workers"), workers=2, valkey_port=0)
     gw = Gateway(stack)
     try:
         with stack:
@@ -252,7 +253,9 @@ def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--insecure", "--workers", "2",
          "--listen", f"127.0.0.1:{port}", "--policies", str(tmp_path / "policies"),
-         "--api-keys", str(tmp_path / "keys.json")],
+         "--api-keys", str(tmp_path / "keys.json"),
+         # Workers need a shared quota store; none runs here, which the server tolerates.
+         "--quota-store", "valkey://127.0.0.1:1/0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -279,7 +282,7 @@ def test_killed_supervisor_leaves_no_worker(tmp_path: Path) -> None:
 
 def test_sighup_reloads_policies_in_every_worker(tmp_path: Path) -> None:
     """A changed rule applies after SIGHUP; a broken file leaves the last good set serving."""
-    stack = make_stack(tmp_path, workers=2)
+    stack = make_stack(tmp_path, workers=2, valkey_port=0)
     gw = Gateway(stack)
     try:
         with stack:

@@ -113,10 +113,13 @@ def test_denials_render_json_and_challenge() -> None:
     assert denied.status.code == 16 and denied.denied_response.status.code == 401
 
 
-def test_asking_for_the_body_restates_every_mode() -> None:
-    mode = ext_proc._SEND_BODY.mode_override
+@pytest.mark.parametrize("watch", [False, True])
+def test_asking_for_the_body_restates_every_mode(watch: bool) -> None:
+    mode = ext_proc._SEND_BODY[watch].mode_override
     assert mode.request_body_mode == ProcessingMode.BUFFERED
     # DEFAULT would mean SEND for the response phases: each must be explicit.
-    assert mode.response_header_mode == ProcessingMode.SKIP
+    expected = ProcessingMode.SEND if watch else ProcessingMode.SKIP
+    assert mode.response_header_mode == expected  # routes with quotas watch the response
+    assert mode.response_body_mode == ProcessingMode.NONE
     assert mode.request_trailer_mode == ProcessingMode.SKIP
     assert mode.response_trailer_mode == ProcessingMode.SKIP

@@ -66,3 +66,28 @@ def test_bad_setting_from_environment(demo_policies: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "EXTPROC_WORKERS: cannot parse 'many'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"workers": 2}, "the memory quota store counts per process"),
+        ({"quota_store": "http://cache:6379"}, "quota_store must be memory or a valkey://"),
+        ({"quota_timeout_ms": 1}, "quota_timeout_ms must be between 5 and 5000"),
+    ],
+)
+def test_quota_store_settings_are_checked(overrides: dict[str, object], problem: str) -> None:
+    from extproc.settings import from_env
+
+    settings = from_env({"EXTPROC_INSECURE": "1"}, **overrides)
+    assert any(problem in p for p in settings.validate()), settings.validate()
+
+
+@pytest.mark.parametrize(
+    "url", ["valkey://h:6379/0", "rediss://h:6380", "valkey+cluster://h:7000", "unix:///s"]
+)
+def test_shared_quota_stores_allow_several_workers(url: str) -> None:
+    from extproc.settings import from_env
+
+    settings = from_env({"EXTPROC_INSECURE": "1"}, quota_store=url, workers=2)
+    assert settings.validate() == []

@@ -89,3 +89,9 @@ def test_ports_are_the_make_run_ports(stack: Stack) -> None:
 def test_valkey_is_loopback_only(compose: dict[str, Any]) -> None:
     command = compose["valkey"]["command"]
     assert command[command.index("--bind") + 1] == "127.0.0.1"
+
+
+def test_valkey_matches_and_is_the_quota_store(compose: dict[str, Any], stack: Stack) -> None:
+    assert compose["valkey"]["command"] == stack.valkey_argv()
+    assert stack.quota_store == "redis://127.0.0.1:6379/0"
+    assert "valkey" in compose["decision-server"]["depends_on"]
