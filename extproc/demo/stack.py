@@ -156,13 +156,23 @@ class Stack:
         write_config(self.config.mode, self.envoy_values(), self.envoy_config)
 
     def create_api_key(
-        self, principal: str, tenant: str | None, roles: list[str], valid_days: int | None = None
+        self,
+        principal: str,
+        tenant: str | None,
+        roles: list[str],
+        valid_days: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> str:
         not_after = None
         if valid_days is not None:
             not_after = dt.datetime.now(dt.UTC) + dt.timedelta(days=valid_days)
         key, _record = create_key(
-            self.api_keys_file, principal, tenant=tenant, roles=roles, not_after=not_after
+            self.api_keys_file,
+            principal,
+            tenant=tenant,
+            roles=roles,
+            not_after=not_after,
+            metadata=metadata,
         )
         return key
 

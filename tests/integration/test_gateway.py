@@ -133,6 +133,18 @@ def test_valid_jwt_reaches_the_pod(gw: Gateway) -> None:
     assert "authorization" not in headers
 
 
+def test_demo_quotas_are_announced_in_both_modes(gw: Gateway) -> None:
+    key = gw.stack.create_api_key("quinn", "demo", ["chat"], metadata={"tier": "free"})
+    gw.await_status(CHAT, chat_body(), {"x-api-key": key}, 200)
+    r = gw.client.post(CHAT, json=chat_body(), headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    # The free class gets 60 of the rule's 300 requests; tokens are per tenant.
+    policy = r.headers["ratelimit-policy"]
+    assert policy == '"requests-per-caller";q=60;w=60, "tokens-per-tenant";q=200000;w=3600'
+    state = r.headers["ratelimit"]
+    assert state.startswith('"requests-per-caller";r=') and '"tokens-per-tenant";r=' in state
+
+
 def test_valid_api_key_reaches_the_pod_over_http2(gw: Gateway) -> None:
     r = gw.h2.post(IRIS, json=IRIS_BODY, headers={"x-api-key": gw.iris_key})
     assert r.status_code == 200, r.text

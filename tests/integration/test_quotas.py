@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +16,15 @@ import pytest
 import redis
 import yaml
 
+from extproc.authn.apikey import ApiKeyStore
+from extproc.pipeline.context import RequestContext
+from extproc.pipeline.decision import Allow
+from extproc.pipeline.run import DecisionCore
+from extproc.policy.store import PolicyStore
+from extproc.quota.admit import QuotaEngine
+from extproc.quota.valkey import ValkeyStore
 from extproc.testing.gateway import Gateway, make_stack
-from extproc.testing.valkey import valkey_server
+from extproc.testing.valkey import ValkeyCluster, ValkeyNode, valkey_cluster, valkey_server
 
 CHAT = "/v1/chat/completions"
 
@@ -77,17 +85,34 @@ def body(model: str, max_tokens: int = 16, stream: bool = False) -> dict[str, An
     }
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with valkey_server(tmp_path_factory.mktemp("valkey")) as server:
-        yield server
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ValkeyNode | ValkeyCluster]:
+    """One valkey-server, or a Cluster of three masters: every admission test runs on both."""
+    if request.param == "single":
+        with valkey_server(tmp_path_factory.mktemp("valkey")) as server:
+            yield server
+    else:
+        with valkey_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+            yield cluster
+
+
+@pytest.fixture
+def node(store: ValkeyNode | ValkeyCluster) -> ValkeyNode:
+    """Tests that inspect or stop the one server. A Cluster node's failure is tested at the
+    store level (test_quota_valkey.py)."""
+    if not isinstance(store, ValkeyNode):
+        pytest.skip("single-server test")
+    return store
 
 
 @pytest.fixture(scope="module")
-def gw(store: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gw(
+    store: ValkeyNode | ValkeyCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("quotas")
-    host, port = store.host, store.port
-    stack = make_stack(root, mode="ext_proc", workers=2, quota_store=f"redis://{host}:{port}/0")
+    stack = make_stack(root, mode="ext_proc", workers=2, quota_store=store.url)
     for model, quotas in POLICIES.items():
         (root / "policies" / f"{model}.yaml").write_text(yaml.safe_dump(policy(model, quotas)))
     gateway = Gateway(stack)
@@ -244,8 +269,8 @@ def test_concurrency_slots_come_back_when_clients_go_away(gw: Gateway) -> None:
             c.close()
 
 
-def test_every_key_in_the_store_expires(gw: Gateway, store: Any) -> None:
-    client = redis.Redis(host=store.host, port=store.port)
+def test_every_key_in_the_store_expires(gw: Gateway, node: ValkeyNode) -> None:
+    client = redis.Redis(host=node.host, port=node.port)
     try:
         keys = list(client.scan_iter(count=1000))
         assert keys, "the tests above wrote counters"
@@ -257,8 +282,8 @@ def test_every_key_in_the_store_expires(gw: Gateway, store: Any) -> None:
         client.close()
 
 
-def test_unauthenticated_callers_create_no_store_keys(gw: Gateway, store: Any) -> None:
-    client = redis.Redis(host=store.host, port=store.port)
+def test_unauthenticated_callers_create_no_store_keys(gw: Gateway, node: ValkeyNode) -> None:
+    client = redis.Redis(host=node.host, port=node.port)
     try:
         before = client.dbsize()
         for i in range(300):
@@ -269,13 +294,40 @@ def test_unauthenticated_callers_create_no_store_keys(gw: Gateway, store: Any) -
         client.close()
 
 
+async def test_100k_distinct_unauthenticated_callers_write_nothing(
+    gw: Gateway, node: ValkeyNode
+) -> None:
+    """The whole decision core against the same valkey-server, minus Envoy (100,000 HTTPS
+    requests would take minutes here; the test above sends a few hundred through Envoy)."""
+    policies = PolicyStore(gw.stack.config.policy_dir, ApiKeyStore.load(gw.stack.api_keys_file), {})
+    valkey = ValkeyStore.from_url(node.url)
+    core = DecisionCore(policies, QuotaEngine(valkey))
+    client = redis.Redis(host=node.host, port=node.port)
+    try:
+        before = client.dbsize()
+        payload = json.dumps(body("q-requests")).encode()
+        statuses: set[int] = set()
+        for i in range(100_000):
+            token = (f"gk_{i:08x}_{'s' * 30}", f"eyJ{i}.eyJ{i}.sig", secrets.token_hex(8))[i % 3]
+            c = RequestContext(
+                method="POST", path=CHAT, host="gw", headers={"x-api-key": token}, body=payload
+            )
+            d = await core.decide(c)
+            statuses.add(200 if isinstance(d, Allow) else d.status)
+        assert statuses == {401}
+        assert client.dbsize() == before
+    finally:
+        client.close()
+        await core.quotas.close()
+
+
 def test_store_down_fails_closed_or_degrades_as_declared_then_recovers(
-    gw: Gateway, store: Any
+    gw: Gateway, node: ValkeyNode
 ) -> None:
     key = gw.stack.create_api_key("dora", "demo", ["chat"])
     time.sleep(1.5)
     assert gw.client.post(CHAT, json=body("q-closed"), headers=keyed(key)).status_code == 200
-    store.stop()
+    node.stop()
     try:
         started = time.monotonic()
         closed = gw.client.post(CHAT, json=body("q-closed"), headers=keyed(key))
@@ -285,5 +337,5 @@ def test_store_down_fails_closed_or_degrades_as_declared_then_recovers(
         local = gw.client.post(CHAT, json=body("q-local"), headers=keyed(key))
         assert local.status_code == 200, local.text
     finally:
-        store.start()
+        node.start()
     gw.await_status(CHAT, body("q-closed"), keyed(key), 200, within=15)

@@ -232,3 +232,40 @@ def test_unknown_cost_variable_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(PolicyLoadError, match="tokens"):
         PolicyStore(tmp_path, ApiKeyStore.load(tmp_path / "keys.json"), {})
+
+
+BUSY = """
+model: busy
+routes: [{path_prefix: /v1/busy}]
+versions: [{name: v1, cluster: busy-v1}]
+authentication: [{api_key: {}}]
+authorization: {allow_any_authenticated: true}
+quotas:
+  overload: {max_in_flight: 4, class_shares: {free: 0.5}}
+"""
+
+
+async def test_overload_sheds_lower_classes_first(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (tmp_path / "busy.yaml").write_text(textwrap.dedent(BUSY))
+    env.policies.reload()
+
+    async def busy(key: str) -> Allow | Deny:
+        c = RequestContext(
+            method="POST", path="/v1/busy", host="h", headers={"authorization": f"Bearer {key}"}
+        )
+        return await env.core.decide(c)
+
+    # free callers may fill half of the 4 seats; everyone else all of them.
+    free = [await busy(env.free) for _ in range(3)]
+    assert statuses(free) == [200, 200, 503]
+    shed = free[2]
+    assert isinstance(shed, Deny) and shed.code == "overloaded"
+    assert int(dict(shed.headers)["retry-after"]) >= 1
+    others = [await busy(env.alice) for _ in range(3)]
+    assert statuses(others) == [200, 200, 503]  # the cap itself
+    first = free[0]
+    assert isinstance(first, Allow) and first.admission is not None
+    first.admission.on_response(200)
+    await first.admission.finish()  # a seat comes back when the exchange ends
+    assert statuses([await busy(env.alice)]) == [200]
