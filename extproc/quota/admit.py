@@ -46,6 +46,7 @@ class Admission:
     headers: tuple[tuple[str, str], ...]
     started: float = field(default_factory=time.monotonic)
     status: int | None = None
+    responded_at: float | None = None
     # The gateway asked the upstream for streamed usage: remove that event from the stream.
     strip_usage: bool = False
     _settled: bool = False
@@ -75,6 +76,9 @@ class Admission:
 
     def on_response(self, status: int) -> None:
         self.status = status
+        # The overload guard's latency: to the response headers, not the end of a long stream
+        # (whose length says more about the answer than about how busy the model is).
+        self.responded_at = time.monotonic()
 
     async def settle(self, usage: Mapping[str, object]) -> None:
         """Set each cost reservation to what the response says was used (once)."""
@@ -110,8 +114,9 @@ class Admission:
             if rule.kind == "concurrency" or (rule.kind == "cost" and failed and not self._settled):
                 adjustments.append((receipt, -receipt.amount))
         if self.ticket is not None:
-            ok = self.status is not None and self.status < 500
-            self.ticket.release(time.monotonic() - self.started if ok else None)
+            ok = self.status is not None and self.status < 500 and self.responded_at is not None
+            latency = (self.responded_at or self.started) - self.started
+            self.ticket.release(latency if ok else None)
         await self._adjust(adjustments)
 
     def close_soon(self, usage: Mapping[str, object] | None = None) -> None:

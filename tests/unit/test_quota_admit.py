@@ -3,6 +3,7 @@ the embedded store; and the failure modes against a store that is down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Sequence
@@ -269,3 +270,20 @@ async def test_overload_sheds_lower_classes_first(tmp_path: Path) -> None:
     first.admission.on_response(200)
     await first.admission.finish()  # a seat comes back when the exchange ends
     assert statuses([await busy(env.alice)]) == [200]
+
+
+async def test_overload_latency_is_time_to_response_headers(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (tmp_path / "busy.yaml").write_text(textwrap.dedent(BUSY))
+    env.policies.reload()
+    c = RequestContext(
+        method="POST", path="/v1/busy", host="h", headers={"authorization": f"Bearer {env.alice}"}
+    )
+    d = await env.core.decide(c)
+    assert isinstance(d, Allow) and d.admission is not None and d.admission.ticket is not None
+    d.admission.on_response(200)  # headers at once...
+    await asyncio.sleep(0.3)  # ... then a long stream
+    await d.admission.finish()
+    (busy,) = [p for p in env.policies.current.policies if p.model == "busy"]
+    guard = busy.quotas.overload
+    assert guard is not None and guard.latency_ewma_s < 0.1  # the stream's length is not load
