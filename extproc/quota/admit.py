@@ -149,14 +149,19 @@ class Admission:
             )
 
 
-def rate_limited(rule: str, retry_ms: int, headers: tuple[tuple[str, str], ...]) -> Deny:
+def rate_limited(
+    rule: str, retry_ms: int, headers: tuple[tuple[str, str], ...] = (), too_large: bool = False
+) -> Deny:
     retry = retry_after_seconds(retry_ms)
+    message = f"quota {rule!r} is used up; retry after {retry} s"
+    if too_large:  # could never fit, however long the caller waits
+        message = f"this request's cost exceeds quota {rule!r} as a whole"
     return Deny(
         status=429,
         code="rate_limited",
-        message=f"quota {rule!r} is used up; retry after {retry} s",
+        message=message,
         phase="admit",
-        reason=f"quota:{rule}",
+        reason=f"quota:{rule}:too_large" if too_large else f"quota:{rule}",
         headers=((RETRY_AFTER, str(retry)), *headers),
     )
 
@@ -233,22 +238,14 @@ class QuotaEngine:
                 continue
             counter = rule.counter(plan.model, identity, version, user_class)
             if counter.limit <= 0:
-                return rate_limited(rule.name, counter.window_ms, ())
+                return rate_limited(rule.name, counter.window_ms)
             amount = 1
             if rule.estimate is not None:
                 if facts is None:
                     raise ValueError(f"quota {rule.name}: cost needs the request body")
                 amount = rule.estimate.evaluate(facts)
             if amount > counter.limit:
-                # Could never fit, however long the caller waits.
-                return Deny(
-                    status=429,
-                    code="rate_limited",
-                    message=f"this request's cost exceeds quota {rule.name!r} as a whole",
-                    phase="admit",
-                    reason=f"quota:{rule.name}:too_large",
-                    headers=((RETRY_AFTER, str(retry_after_seconds(counter.window_ms))),),
-                )
+                return rate_limited(rule.name, counter.window_ms, too_large=True)
             rules.append(rule)
             takes.append(Take(counter, amount))
         if not takes:

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from extproc.quota.store import Algorithm, Outcome, Receipt, StoreError, Take, Verdict
+from extproc.quota.store import Algorithm, Counter, Outcome, Receipt, StoreError, Take, Verdict
 
 __all__ = ["ValkeyStore"]
 
@@ -139,13 +139,7 @@ class ValkeyStore:
             if counter.limit < 1 or counter.window_ms < 1 or take.amount < 0:
                 raise ValueError("a counter needs limit >= 1 and window_ms >= 1, an amount >= 0")
             keys.append(counter.key)
-            args += (
-                _ALGORITHM_CODES[counter.algorithm],
-                counter.limit,
-                counter.window_ms,
-                counter.burst,
-                take.amount,
-            )
+            args += (*_counter_args(counter), take.amount)
         reply = await self._run(_TAKE, keys, args)
         try:
             return _outcome(takes, request_id, reply)
@@ -161,10 +155,7 @@ class ValkeyStore:
             counter = receipt.counter
             keys.append(counter.key)
             args += (
-                _ALGORITHM_CODES[counter.algorithm],
-                counter.limit,
-                counter.window_ms,
-                counter.burst,
+                *_counter_args(counter),
                 receipt.amount,
                 receipt.ref,
                 delta,
@@ -211,6 +202,11 @@ class ValkeyStore:
         except (RedisError, RedisClusterException, OSError) as exc:
             # `from None`: some redis-py messages quote the command, and so the keys.
             raise _store_error(exc) from None
+
+
+def _counter_args(counter: Counter) -> tuple[int, int, int, int]:
+    """How both scripts read a counter from ARGV."""
+    return (_ALGORITHM_CODES[counter.algorithm], counter.limit, counter.window_ms, counter.burst)
 
 
 def _split_scheme(url: str) -> tuple[str, str]:

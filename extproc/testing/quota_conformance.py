@@ -26,6 +26,7 @@ from extproc.quota.store import (
     Take,
     Verdict,
 )
+from extproc.testing.clock import FakeClock
 
 MINUTE = 60_000
 WINDOWS = (Algorithm.GCRA, Algorithm.SLIDING_WINDOW, Algorithm.FIXED_WINDOW)
@@ -48,24 +49,16 @@ class StoreHarness(Protocol):
         ...
 
 
-class FakeClock:
-    """Seconds, moved only by `advance`; starts away from 0 so windows are not aligned to it."""
-
-    def __init__(self, start: float = 1000.1234) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, ms: float) -> None:
-        self.now += ms / 1000
+def quota_clock() -> FakeClock:
+    """Starts off a whole second, so windows are not aligned to the start."""
+    return FakeClock(start=1000.1234)
 
 
 class MemoryHarness:
     slack_ms = 0
 
     def __init__(self, store: MemoryStore | None = None, clock: FakeClock | None = None) -> None:
-        self.clock = clock or FakeClock()
+        self.clock = clock or quota_clock()
         self.memory = store or MemoryStore(clock=self.clock)
         self.store: QuotaStore = self.memory
         self._tag = uuid.uuid4().hex[:12]
@@ -74,7 +67,7 @@ class MemoryHarness:
         return f"gq:{{{self._tag}}}:{name}"
 
     async def advance(self, ms: float) -> None:
-        self.clock.advance(ms)
+        self.clock.advance_ms(ms)
 
     async def ttls(self) -> dict[str, int]:
         self.memory.sweep()

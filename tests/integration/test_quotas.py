@@ -193,13 +193,7 @@ def test_cost_settles_to_the_real_usage(gw: Gateway) -> None:
     used = r.json()["usage"]["total_tokens"]
     assert used < 50
     # Reserved 900, settled to `used`: another 900 fits once the settlement has landed.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        r = gw.client.post(CHAT, json=body("q-cost", max_tokens=900), headers=keyed(key))
-        if r.status_code == 200:
-            break
-        time.sleep(0.1)
-    assert r.status_code == 200, r.text
+    gw.await_status(CHAT, body("q-cost", max_tokens=900), keyed(key), 200, within=5)
 
 
 def test_streamed_usage_is_asked_for_settled_and_hidden(gw: Gateway) -> None:
@@ -217,13 +211,7 @@ def test_streamed_usage_is_asked_for_settled_and_hidden(gw: Gateway) -> None:
     sent = [json.loads(x["body"]) for x in gw.received("chat-v1")]
     streamed = [doc for doc in sent if doc.get("stream") is True]
     assert streamed[-1]["stream_options"] == {"include_usage": True}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        r2 = gw.client.post(CHAT, json=body("q-cost", max_tokens=900), headers=keyed(key))
-        if r2.status_code == 200:
-            break
-        time.sleep(0.1)
-    assert r2.status_code == 200, r2.text
+    gw.await_status(CHAT, body("q-cost", max_tokens=900), keyed(key), 200, within=5)
 
 
 def test_failed_upstream_refunds_the_reservation(gw: Gateway) -> None:

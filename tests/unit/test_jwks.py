@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from extproc.authn.base import Identity
 from extproc.authn.jwks import HmacSecret, KeySet, RemoteJwks, StaticJwks
 from extproc.authn.jwt import JwtAuthenticator, JwtIssuer
+from extproc.testing.clock import FakeClock
 
 # ---------------------------------------------------------------------------------------------
 # Keys
@@ -279,17 +280,6 @@ class JwksServer:
         while True:
             writer.write(b" " * 65536)
             await writer.drain()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from extproc.quota.store import (
     Take,
 )
 from extproc.quota.valkey import ValkeyStore
-from extproc.testing.quota_conformance import FakeClock
+from extproc.testing.clock import FakeClock
+from extproc.testing.quota_conformance import quota_clock
 from extproc.testing.valkey import valkey_server
 
 PER_SECOND = Counter("gq:{m}:p", Algorithm.FIXED_WINDOW, 2, 1000)
@@ -60,7 +61,7 @@ class Instrumented:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return quota_clock()
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ async def test_a_denied_counter_is_denied_locally_until_its_retry_after(
     assert inner.calls == 3
     assert denied.verdicts[0].retry_after_ms == 500
 
-    clock.advance(100)
+    clock.advance_ms(100)
     local = await store.take([Take(OTHER, 1), Take(PER_SECOND, 2)], "r")
     assert inner.calls == 3  # answered without the store
     assert not local.admitted
@@ -96,7 +97,7 @@ async def test_a_denied_counter_is_denied_locally_until_its_retry_after(
     await store.take([Take(PER_SECOND, 0)], "r")  # a smaller take asks the store
     assert inner.calls == 4
 
-    clock.advance(400)  # the window ended: ask the store again
+    clock.advance_ms(400)  # the window ended: ask the store again
     assert (await store.take([Take(PER_SECOND, 1)], "r")).admitted
     assert inner.calls == 5
 
@@ -175,7 +176,7 @@ async def test_breaker_opens_after_consecutive_failures_and_recovers(
     assert inner.calls == 3  # the store was left alone
     assert store.stats.short_circuited == 2
 
-    clock.advance(1000)  # one probe; it fails, so the breaker stays open another cool-down
+    clock.advance_ms(1000)  # one probe; it fails, so the breaker stays open another cool-down
     with pytest.raises(StoreError, match="down"):
         await store.take([Take(OTHER, 1)], "r")
     with pytest.raises(StoreError, match="circuit open"):
@@ -183,7 +184,7 @@ async def test_breaker_opens_after_consecutive_failures_and_recovers(
     assert inner.calls == 4
 
     inner.failing = False
-    clock.advance(1000)
+    clock.advance_ms(1000)
     assert (await store.take([Take(OTHER, 1)], "r")).admitted
     assert store.healthy
     assert store.consecutive_failures == 0
@@ -197,7 +198,7 @@ async def test_only_one_probe_at_a_time(inner: Instrumented, clock: FakeClock) -
         await store.take([Take(OTHER, 1)], "r")
     inner.failing = False
     inner.gate = asyncio.Event()
-    clock.advance(1000)
+    clock.advance_ms(1000)
     probe = asyncio.create_task(store.take([Take(OTHER, 1)], "probe"))
     await asyncio.sleep(0)
     with pytest.raises(StoreError, match="circuit open"):

@@ -9,7 +9,7 @@ import pytest
 
 from extproc.quota.memory import MemoryStore
 from extproc.quota.store import Algorithm, Counter, StoreError, Take
-from extproc.testing.quota_conformance import FakeClock, MemoryHarness, QuotaStoreConformance
+from extproc.testing.quota_conformance import MemoryHarness, QuotaStoreConformance, quota_clock
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def fixed(key: str, window: int = 1000, limit: int = 10) -> Counter:
 
 
 async def test_full_store_refuses_new_counters_but_serves_known_ones() -> None:
-    clock = FakeClock()
+    clock = quota_clock()
     store = MemoryStore(max_entries=3, clock=clock)
     for name in "abc":
         assert (await store.take([Take(fixed(name), 1)], "r")).admitted
@@ -37,18 +37,18 @@ async def test_full_store_refuses_new_counters_but_serves_known_ones() -> None:
     assert len(store) == 3
     assert (await store.take([Take(fixed("a"), 1)], "r")).admitted  # no new entry needed
 
-    clock.advance(1000)  # every window ended: their entries make room again
+    clock.advance_ms(1000)  # every window ended: their entries make room again
     assert (await store.take([Take(fixed("d"), 1)], "r")).admitted
     assert len(store) == 1
 
 
 async def test_expired_entries_are_swept_without_being_touched() -> None:
-    clock = FakeClock()
+    clock = quota_clock()
     store = MemoryStore(clock=clock)
     for i in range(1000):
         await store.take([Take(fixed(f"short{i}", window=100), 1)], "r")
     await store.take([Take(fixed("long", window=60_000), 1)], "r")
-    clock.advance(200)
+    clock.advance_ms(200)
     # Each call reclaims a few expired entries, oldest first, so a steady trickle of calls
     # frees memory without any call paying for all of it.
     for _ in range(40):
@@ -58,25 +58,25 @@ async def test_expired_entries_are_swept_without_being_touched() -> None:
 
 
 async def test_refreshed_entries_survive_the_sweep() -> None:
-    clock = FakeClock()
+    clock = quota_clock()
     store = MemoryStore(clock=clock)
     gcra = Counter("g", Algorithm.GCRA, 10, 1000)  # 100 ms per unit
     await store.take([Take(gcra, 1)], "r")  # expires in 100 ms
-    clock.advance(50)
+    clock.advance_ms(50)
     await store.take([Take(gcra, 5)], "r")  # now in 550 ms
-    clock.advance(100)
+    clock.advance_ms(100)
     assert store.sweep() == 1
     assert (await store.take([Take(gcra, 0)], "r")).verdicts[0].remaining == 5  # 450 ms owed
 
 
 async def test_concurrency_leases_of_different_lengths_still_expire() -> None:
-    clock = FakeClock()
+    clock = quota_clock()
     store = MemoryStore(clock=clock)
     long = Counter("k", Algorithm.CONCURRENCY, 2, 1000)
     short = Counter("k", Algorithm.CONCURRENCY, 2, 100)  # the same key, after a policy change
     assert (await store.take([Take(long, 1)], "r1")).admitted
     assert (await store.take([Take(short, 1)], "r2")).admitted
-    clock.advance(150)
+    clock.advance_ms(150)
     assert (await store.take([Take(short, 1)], "r3")).admitted  # r2's lease has ended
     assert not (await store.take([Take(short, 1)], "r4")).admitted
 

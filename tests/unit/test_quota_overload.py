@@ -16,20 +16,10 @@ from extproc.quota.overload import (
     Shed,
     Ticket,
 )
+from extproc.testing.clock import FakeClock
 
 SHARES = ClassShares({"free": 0.5, "pro": 0.8, "enterprise": 1.0}, default_share=0.3)
 TARGET = 1.0  # seconds; the band is [0.8, 1.0] with the default low_watermark
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_guard(
