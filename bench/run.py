@@ -59,7 +59,10 @@ BENCH_DIR = REPO / "bench"
 RUN_DIR = REPO / ".run" / "bench"
 RESULTS_FILE = REPO / "bench-results.json"
 POLICY_TEMPLATE = BENCH_DIR / "policies" / "bench.yaml"
-QUOTA_POLICY_TEMPLATE = BENCH_DIR / "policies" / "bench-quota.yaml"
+QUOTA_POLICY_TEMPLATES = {
+    "quota": BENCH_DIR / "policies" / "bench-quota.yaml",
+    "quota_leased": BENCH_DIR / "policies" / "bench-quota-leased.yaml",
+}
 
 REQUEST_PATH = "/v2/models/bench/infer"
 # The cluster bench/policies/bench.yaml names. The pipeline's Envoy answers 200 only when the
@@ -75,7 +78,7 @@ STOP_TIMEOUT_S = 10.0
 PROBE_RETRYABLE = frozenset({500, 502, 503, 504})  # the decision server is not reachable yet
 
 Api = Literal["ext_proc", "ext_authz"]
-ServerKind = Literal["empty", "pipeline", "quota"]
+ServerKind = Literal["empty", "pipeline", "quota", "quota_leased"]
 
 
 class BenchError(RuntimeError):
@@ -100,6 +103,12 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("ext_proc_pipeline", "ext_proc", "pipeline", "ext_proc -> decision server"),
     Configuration(
         "ext_proc_quota", "ext_proc", "quota", "ext_proc -> decision server + valkey quotas"
+    ),
+    Configuration(
+        "ext_proc_quota_leased",
+        "ext_proc",
+        "quota_leased",
+        "ext_proc -> decision server + valkey quotas with local leases",
     ),
     Configuration("ext_authz_empty", "ext_authz", "empty", "ext_authz -> empty server"),
     Configuration("ext_authz_pipeline", "ext_authz", "pipeline", "ext_authz -> decision server"),
@@ -212,7 +221,7 @@ def _direct(status: int, body: str) -> dict[str, Any]:
 
 
 def _routes(config: Configuration) -> list[dict[str, Any]]:
-    if config.server not in ("pipeline", "quota"):
+    if config.server not in ("pipeline", *QUOTA_POLICY_TEMPLATES):
         return [{"match": {"prefix": "/"}, "direct_response": _direct(200, "ok\n")}]
     # The decision server sets x-gateway-cluster and clears the route cache, exactly as in
     # production; only the route it then matches answers directly instead of proxying.
@@ -234,6 +243,16 @@ def _routes(config: Configuration) -> list[dict[str, Any]]:
             ),
         },
     ]
+
+
+def _virtual_host(config: Configuration) -> dict[str, Any]:
+    host: dict[str, Any] = {"name": "bench", "domains": ["*"], "routes": _routes(config)}
+    if config.api == "ext_proc":  # the shipped response headers (RateLimit from metadata)
+        listener = _shipped("ext_proc")["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        shipped = hcm["route_config"]["virtual_hosts"][0]
+        host["response_headers_to_add"] = shipped["response_headers_to_add"]
+    return host
 
 
 def _shipped(template: Template) -> dict[str, Any]:
@@ -310,7 +329,7 @@ def envoy_config(config: Configuration, listen_port: int, decision_port: int | N
         "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
         "route_config": {
             "name": "bench",
-            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": _routes(config)}],
+            "virtual_hosts": [_virtual_host(config)],
         },
         "http_filters": filters,
     }
@@ -806,12 +825,18 @@ def print_report(summaries: list[Summary], checks: list[TargetCheck], options: O
             f"{check.pipeline_rps:.0f} vs {check.empty_rps:.0f} rps)"
         )
     by_name = {s.name: s for s in summaries}
-    quota, pipeline = by_name.get("ext_proc_quota"), by_name.get("ext_proc_pipeline")
-    if quota is not None and pipeline is not None:
+    pipeline = by_name.get("ext_proc_pipeline")
+    for name, label in (
+        ("ext_proc_quota", "valkey quotas"),
+        ("ext_proc_quota_leased", "valkey quotas, local leases"),
+    ):
+        quota = by_name.get(name)
+        if quota is None or pipeline is None:
+            continue
         ratio, rounds = paired_ratio(quota.rounds, pipeline.rounds)
         per_round = ", ".join(f"{r:.3f}" for r in rounds)
         print(
-            f"ext_proc with valkey quotas / without: {ratio:.3f} (per round {per_round}; "
+            f"ext_proc with {label} / without: {ratio:.3f} (per round {per_round}; "
             f"median rounds {quota.median.rps:.0f} vs {pipeline.median.rps:.0f} rps)"
         )
     bad = [s for s in summaries if s.not_ok]
@@ -922,9 +947,10 @@ def prepare_run_dir() -> Path:
     policy_dir = RUN_DIR / "policies"
     policy_dir.mkdir()
     shutil.copyfile(POLICY_TEMPLATE, policy_dir / POLICY_TEMPLATE.name)
-    quota_dir = RUN_DIR / "policies-quota"
-    quota_dir.mkdir()
-    shutil.copyfile(QUOTA_POLICY_TEMPLATE, quota_dir / POLICY_TEMPLATE.name)
+    for kind, template in QUOTA_POLICY_TEMPLATES.items():
+        quota_dir = RUN_DIR / f"policies-{kind}"
+        quota_dir.mkdir()
+        shutil.copyfile(template, quota_dir / POLICY_TEMPLATE.name)
     write_key_file(RUN_DIR / "api-keys.json", [])  # the bench policy accepts JWTs only
     return policy_dir
 
@@ -960,17 +986,22 @@ def run(options: Options) -> int:
     children = Children(RUN_DIR / "logs")
     try:
         servers: dict[ServerKind, Server] = {}
+        wanted = {c.server for c in options.configurations}
         if any(c.server == "empty" for c in options.configurations):
             servers["empty"] = start_server(children, "empty", options.workers, policy_dir)
         if any(c.server == "pipeline" for c in options.configurations):
             servers["pipeline"] = start_server(children, "pipeline", options.workers, policy_dir)
-        if any(c.server == "quota" for c in options.configurations):
+        quota_kinds: list[ServerKind] = [k for k in ("quota", "quota_leased") if k in wanted]
+        if quota_kinds:
+            # One valkey-server for both: only one configuration runs at a time, so its CPU
+            # counts for the one running.
             store, store_pid = start_valkey(children)
-            server = start_server(
-                children, "quota", options.workers, RUN_DIR / "policies-quota", store
-            )
-            server.pids.append(store_pid)
-            servers["quota"] = server
+            for kind in quota_kinds:
+                server = start_server(
+                    children, kind, options.workers, RUN_DIR / f"policies-{kind}", store
+                )
+                server.pids.append(store_pid)
+                servers[kind] = server
         gateways = []
         for config in options.configurations:
             server = servers[config.server] if config.server else None

@@ -3,9 +3,13 @@
 Authentication, authorization and admission run at the request-headers message (or at the
 request body, when the model or a cost estimate needs it); a denial is an immediate response.
 Envoy is asked (mode_override) for the body only when the route needs it, and for the response
-only when the request holds quotas: the response headers carry RateLimit fields and the status
-that decides a refund; the response body (streamed) carries the usage a cost quota settles to.
+only when the request holds something the response decides: the status that decides a refund,
+the latency an overload guard learns, the usage (in the streamed body) a cost quota settles to.
 The stream's end frees whatever the request held.
+
+RateLimit fields go out as dynamic metadata in RATELIMIT_NAMESPACE with the allow response, and
+Envoy's route config adds them to the response (envoy/ext_proc.yaml): no response message is
+needed for them, which for request quotas alone saves one message per request.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from extproc.quota.admit import Admission
 from extproc.quota.usage import SseUsageTracker, usage_from_json
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
+# Its own namespace, so the per-request values can be appended to a cached allow response:
+# protobuf merges maps key by key, and the decision's namespace is left whole.
+RATELIMIT_NAMESPACE = "gateway.ratelimit"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -159,8 +166,12 @@ def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
     """The serialized allow response: the decision's cached bytes with this request's id, and
     a replacement body when the decision has one (appended: protobuf merges concatenated
     messages, so the cached part is never rebuilt)."""
-    watch = allow.admission is not None and allow.admission.wants_response
+    admission = allow.admission
+    watch = admission is not None and admission.wants_response
     out = fill_decision_id(_TEMPLATES[phase, watch].get(allow), decision_id)
+    if admission is not None and admission.headers:
+        fields = struct({RATELIMIT_NAMESPACE: dict(admission.headers)})
+        out += pb.ProcessingResponse(dynamic_metadata=fields).SerializeToString()
     if allow.body is not None and phase == "request_body":
         extra = pb.ProcessingResponse(
             request_body=pb.BodyResponse(
@@ -219,7 +230,7 @@ def on_response_headers(
     except ValueError:
         status = 0
     admission.on_response(status)
-    mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in admission.headers])
+    mutation = pb.HeaderMutation()
     response = pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
     )

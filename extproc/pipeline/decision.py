@@ -61,7 +61,7 @@ class NeedBody:
     @property
     def watch_response(self) -> bool:
         """Envoy must send the response headers too (asked for now: later is too late)."""
-        return self.route.quota_active
+        return self.route.watches_response
 
 
 Decision = Allow | Deny

@@ -14,9 +14,10 @@ from extproc.authn.jwks import HmacSecret, KeySource, RemoteJwks, StaticJwks
 from extproc.authn.jwt import JwtAuthenticator, JwtIssuer
 from extproc.authz.rules import compile_rule
 from extproc.policy.compiled import CompiledPolicy, PolicySet, RouteEntry
-from extproc.policy.load import PolicyError, PolicyFile, PolicyLoadError
+from extproc.policy.load import NO_PLATFORM, PlatformFile, PolicyError, PolicyFile, PolicyLoadError
 from extproc.policy.schema import ApiKeyMethod, JwtMethod, Policy
 from extproc.quota.plan import QuotaCompileError, compile_quotas
+from extproc.quota.schema import Quotas
 
 
 @dataclass
@@ -97,7 +98,9 @@ def _one_header(methods: list[ApiKeyMethod]) -> str | None:
     return headers.pop()
 
 
-def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
+def compile_policy(
+    pf: PolicyFile, res: CompileResources, platform: PlatformFile = NO_PLATFORM
+) -> CompiledPolicy:
     policy = pf.policy
     jwt_issuers = frozenset(m.jwt.issuer for m in policy.authentication if m.jwt is not None)
     key_headers = {
@@ -115,7 +118,7 @@ def compile_policy(pf: PolicyFile, res: CompileResources) -> CompiledPolicy:
         rules=tuple(compile_rule(r) for r in policy.authorization.rules),
         allow_any_authenticated=policy.authorization.allow_any_authenticated,
         credential_headers=("authorization", *sorted(key_headers)),
-        quotas=compile_quotas(policy.model, policy.quotas),
+        quotas=compile_quotas(policy.model, platform.platform.quotas.apply(policy.quotas)),
     )
 
 
@@ -191,12 +194,20 @@ def _name_clashes(compiled: list[CompiledPolicy]) -> list[PolicyError]:
     return errors
 
 
-def compile_policy_set(files: list[PolicyFile], res: CompileResources) -> PolicySet:
+def compile_policy_set(
+    files: list[PolicyFile], res: CompileResources, platform: PlatformFile = NO_PLATFORM
+) -> PolicySet:
     compiled: list[CompiledPolicy] = []
     errors: list[PolicyError] = []
+    if platform.path is not None:
+        try:  # the defaults' own errors, named in the platform file, once
+            defaults = Quotas(rules=list(platform.platform.quotas.defaults))
+            compile_quotas("_platform", defaults, field_prefix="quotas.defaults")
+        except QuotaCompileError as exc:
+            raise PolicyLoadError([PolicyError(str(platform.path), exc.field, str(exc))]) from None
     for pf in files:
         try:
-            compiled.append(compile_policy(pf, res))
+            compiled.append(compile_policy(pf, res, platform))
         except QuotaCompileError as exc:
             errors.append(PolicyError(str(pf.path), exc.field, str(exc)))
         except ValueError as exc:
@@ -208,7 +219,8 @@ def compile_policy_set(files: list[PolicyFile], res: CompileResources) -> Policy
     errors.extend(route_errors)
     if errors:
         raise PolicyLoadError(errors)
-    revision = hashlib.sha256("".join(pf.digest for pf in files).encode()).hexdigest()[:16]
+    digests = [platform.digest, *(pf.digest for pf in files)]
+    revision = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
     return PolicySet(
         revision=revision, policies=tuple(compiled), routes=routes, loaded_at=time.time()
     )

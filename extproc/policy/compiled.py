@@ -50,11 +50,11 @@ class RouteEntry:
     authenticators: tuple[Authenticator, ...] = ()
 
     @property
-    def quota_active(self) -> bool:
-        """Some model here has quotas, so Envoy must also show us the response."""
+    def watches_response(self) -> bool:
+        """Some model here has quotas that Envoy must show us the response for."""
         if self.owner is not None:
-            return self.owner.quotas.active
-        return any(p.quotas.active for p in self.by_model.values())
+            return self.owner.quotas.watches_response
+        return any(p.quotas.watches_response for p in self.by_model.values())
 
     def matches(self, host: str, path: str) -> bool:
         if self.host is not None and self.host != host:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from extproc.policy.schema import Policy
+from extproc.policy.schema import PlatformPolicy, Policy
 
 MAX_POLICY_BYTES = 1024 * 1024
 
@@ -81,8 +81,42 @@ class PolicyFile:
     digest: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlatformFile:
+    path: Path | None  # None: the directory has no platform file
+    platform: PlatformPolicy
+    digest: str
+
+
+PLATFORM_FILE = "_platform.yaml"
+NO_PLATFORM = PlatformFile(None, PlatformPolicy(), "")
+
+
 def read_policy_file(path: Path) -> PolicyFile:
-    """One file, validated. Raises PolicyLoadError naming the file and field."""
+    """One model's file, validated. Raises PolicyLoadError naming the file and field."""
+    raw, data = _read_document(path)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyLoadError(_pydantic_errors(str(path), exc)) from None
+    return PolicyFile(path=path, policy=policy, digest=hashlib.sha256(raw).hexdigest())
+
+
+def read_platform_file(directory: Path) -> PlatformFile:
+    """The directory's `_platform.yaml`, validated; NO_PLATFORM when there is none."""
+    path = directory / PLATFORM_FILE
+    if not path.is_file():
+        return NO_PLATFORM
+    raw, data = _read_document(path)
+    try:
+        platform = PlatformPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyLoadError(_pydantic_errors(str(path), exc)) from None
+    return PlatformFile(path=path, platform=platform, digest=hashlib.sha256(raw).hexdigest())
+
+
+def _read_document(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The file's bytes and its YAML mapping, bounded in size and strict about keys."""
     name = str(path)
     try:
         raw = path.read_bytes()
@@ -99,18 +133,19 @@ def read_policy_file(path: Path) -> PolicyFile:
         raise PolicyLoadError([PolicyError(name, "", f"invalid YAML: {where}{problem}")]) from None
     if not isinstance(data, dict):
         raise PolicyLoadError([PolicyError(name, "", "expected a mapping at the top level")])
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyLoadError(_pydantic_errors(name, exc)) from None
-    return PolicyFile(path=path, policy=policy, digest=hashlib.sha256(raw).hexdigest())
+    return raw, data
 
 
 def read_policy_dir(directory: Path) -> list[PolicyFile]:
-    """Every `*.yaml` / `*.yml` file, sorted; all errors of all files are collected."""
+    """Every model's `*.yaml` / `*.yml` file, sorted (not the platform's `_platform.yaml`);
+    all errors of all files are collected."""
     if not directory.is_dir():
         raise PolicyLoadError([PolicyError(str(directory), "", "not a directory")])
-    paths = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    paths = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name != PLATFORM_FILE
+    )
     if not paths:
         raise PolicyLoadError([PolicyError(str(directory), "", "no policy files (*.yaml)")])
     files, errors = [], []

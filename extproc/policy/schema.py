@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
 
-from extproc.quota.schema import Quotas
+from extproc.quota.schema import PlatformQuotas, Quotas
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 ClusterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -211,3 +211,13 @@ class Policy(Strict):
 
     def default_version(self) -> Version:
         return next((v for v in self.versions if v.default), self.versions[0])
+
+
+class PlatformPolicy(Strict):
+    """The platform team's file, `_platform.yaml` beside the models' policies: what applies to
+    every model unless a model's policy says otherwise."""
+
+    description: str = ""
+    quotas: PlatformQuotas = Field(
+        default_factory=PlatformQuotas, description="Quota defaults for every model."
+    )

@@ -9,14 +9,33 @@ from pathlib import Path
 from extproc.authn.apikey import ApiKeyStore
 from extproc.policy.compile import CompileResources, compile_policy_set
 from extproc.policy.compiled import PolicySet
-from extproc.policy.load import PolicyLoadError, read_policy_dir
+from extproc.policy.load import (
+    NO_PLATFORM,
+    PolicyError,
+    PolicyLoadError,
+    read_platform_file,
+    read_policy_dir,
+)
 
 log = logging.getLogger(__name__)
 
 
 def load_policy_set(directory: Path, resources: CompileResources) -> PolicySet:
-    """Read, validate and compile every policy file. Raises PolicyLoadError."""
-    return compile_policy_set(read_policy_dir(directory), resources)
+    """Read, validate and compile every policy file and the platform's. Raises
+    PolicyLoadError with the errors of all of them."""
+    errors: list[PolicyError] = []
+    platform = NO_PLATFORM
+    try:
+        platform = read_platform_file(directory)
+    except PolicyLoadError as exc:
+        errors.extend(exc.errors)
+    try:
+        files = read_policy_dir(directory)
+    except PolicyLoadError as exc:
+        raise PolicyLoadError(errors + exc.errors) from None
+    if errors:
+        raise PolicyLoadError(errors)
+    return compile_policy_set(files, resources, platform)
 
 
 class PolicyStore:

@@ -60,8 +60,9 @@ class Admission:
 
     @property
     def wants_response(self) -> bool:
-        """Anything to add to or learn from the response (RateLimit fields, status, usage)."""
-        return bool(self.held) or self.ticket is not None
+        """Anything to learn from the response (status, usage) or to give back at its end.
+        RateLimit fields alone do not count: they travel with the request's decision."""
+        return self.wants_end
 
     @property
     def needs_end(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from extproc.quota.guarded import GuardedStore
+from extproc.quota.lease import LeasingStore
 from extproc.quota.memory import MemoryStore
 from extproc.quota.store import QuotaStore, StoreError
 from extproc.quota.valkey import ValkeyStore
@@ -18,7 +19,8 @@ async def open_quota_store(settings: Settings) -> QuotaStore:
     per decision, bounded calls in flight, a local cache of counters already over their limit,
     and a circuit breaker, so a dead store costs nothing per request until it is back. It is
     connected (and its scripts loaded) now, so the first requests do not pay for that; a store
-    that is down at startup is no reason not to serve: the policies' failure modes apply."""
+    that is down at startup is no reason not to serve: the policies' failure modes apply.
+    Rules with `local_lease` are served from units leased by this replica (lease.py)."""
     if settings.quota_store == "memory":
         return MemoryStore()
     timeout = settings.quota_timeout_ms / 1000
@@ -27,4 +29,4 @@ async def open_quota_store(settings: Settings) -> QuotaStore:
         await store.connect()
     except StoreError as exc:
         log.warning("quota store not reachable at startup (%s); will retry per request", exc)
-    return GuardedStore(store, timeout=timeout)
+    return LeasingStore(GuardedStore(store, timeout=timeout))

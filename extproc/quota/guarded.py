@@ -4,7 +4,9 @@
 
 1. an over-limit cache: a counter the store denied is denied locally, for takes at least as
    large, until the denial's retry_after has passed (no store call). Concurrency denials are not
-   cached, since a release can free a slot at any moment;
+   cached, since a release can free a slot at any moment. Units given back through this
+   store (a refund, a settlement below the estimate, unspent leased units) end the counter's
+   cached denial; what other replicas give back does not, until retry_after;
 2. a time budget per call, so a decision is made in bounded time;
 3. a bound on calls in flight: beyond it a call fails at once instead of queueing;
 4. a circuit breaker: after `failure_threshold` consecutive failures the store is not called for
@@ -114,6 +116,9 @@ class GuardedStore:
         return outcome
 
     async def adjust(self, adjustments: Sequence[tuple[Receipt, int]]) -> None:
+        for receipt, delta in adjustments:
+            if delta < 0:  # room again: let the store decide
+                self._denied.pop(receipt.counter, None)
         await self._call(lambda: self._store.adjust(adjustments))
 
     async def close(self) -> None:

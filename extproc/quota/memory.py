@@ -170,33 +170,36 @@ class MemoryStore:
         pending: dict[str, _Pending] = {}
         verdicts: list[Verdict] = []
         refs: list[str] = []
+        granted: list[int] = []
         admitted = True
         for take in takes:
             counter = take.counter
-            _check_counter(counter, take.amount)
+            _check_take(take)
             state = pending.get(counter.key)
             if state is None:
                 state = pending[counter.key] = self._load(counter, now)
             algorithm = counter.algorithm
-            if algorithm is Algorithm.GCRA:
-                verdict = _gcra(state, counter, take.amount, now)
-                ref = ""
-            elif algorithm is Algorithm.SLIDING_WINDOW:
-                verdict = _sliding(state, counter, take.amount, now)
-                ref = str(state.window)
-            elif algorithm is Algorithm.FIXED_WINDOW:
-                verdict = _fixed(state, counter, take.amount, now)
-                ref = str(state.window)
-            else:
+            if algorithm is Algorithm.CONCURRENCY:
                 verdict = _leases(state, counter, take.amount, request_id, now)
-                ref = request_id
+                refs.append(request_id)
+                granted.append(take.amount)
+            else:
+                window_take = _WINDOW_TAKES[algorithm]
+                verdict = window_take(state, counter, take.amount, now)
+                amount = take.amount
+                extra = min(take.up_to - amount, verdict.remaining)
+                if verdict.allowed and extra > 0:
+                    more = window_take(state, counter, extra, now)
+                    if more.allowed:  # always, by the first verdict's arithmetic
+                        verdict, amount = more, amount + extra
+                refs.append("" if algorithm is Algorithm.GCRA else str(state.window))
+                granted.append(amount)
             admitted = admitted and verdict.allowed
             verdicts.append(verdict)
-            refs.append(ref)
         if not admitted:
             return Outcome(False, tuple(verdicts), ())
         self._commit(pending, now)
-        receipts = [Receipt(take.counter, take.amount, refs[i]) for i, take in enumerate(takes)]
+        receipts = [Receipt(take.counter, granted[i], refs[i]) for i, take in enumerate(takes)]
         return Outcome(True, tuple(verdicts), tuple(receipts))
 
     def adjust_now(self, adjustments: Sequence[tuple[Receipt, int]]) -> None:
@@ -324,9 +327,12 @@ class MemoryStore:
             heapq.heapify(self._expiries)
 
 
-def _check_counter(counter: Counter, amount: int) -> None:
-    if counter.limit < 1 or counter.window_ms < 1 or amount < 0:
+def _check_take(take: Take) -> None:
+    counter = take.counter
+    if counter.limit < 1 or counter.window_ms < 1 or take.amount < 0:
         raise ValueError("a counter needs limit >= 1 and window_ms >= 1, a take amount >= 0")
+    if take.up_to and counter.algorithm is Algorithm.CONCURRENCY:
+        raise ValueError("up_to is for window algorithms, not concurrency")
 
 
 def _gcra(state: _Pending, counter: Counter, n: int, now: float) -> Verdict:
@@ -370,6 +376,13 @@ def _fixed(state: _Pending, counter: Counter, n: int, now: float) -> Verdict:
         state.current += n
         return Verdict(True, limit, limit - state.current, reset, 0)
     return Verdict(False, limit, max(0, limit - state.current), reset, max(1, reset))
+
+
+_WINDOW_TAKES = {
+    Algorithm.GCRA: _gcra,
+    Algorithm.SLIDING_WINDOW: _sliding,
+    Algorithm.FIXED_WINDOW: _fixed,
+}
 
 
 def _leases(state: _Pending, counter: Counter, n: int, request_id: str, now: float) -> Verdict:

@@ -36,6 +36,8 @@ class CompiledQuota:
     estimate: CostExpression | None
     actual: CostExpression | None
     versions: frozenset[str] | None
+    lease_units: int = 0
+    lease_ms: int = 0
 
     def applies(self, identity: Identity, version: str) -> bool:
         if self.versions is not None and version not in self.versions:
@@ -75,6 +77,8 @@ class CompiledQuota:
             limit=limit,
             window_ms=self.window_ms,
             burst=burst,
+            lease_units=min(self.lease_units, limit),
+            lease_ms=self.lease_ms,
         )
 
 
@@ -102,6 +106,13 @@ class QuotaPlan:
     def active(self) -> bool:
         return bool(self.rules) or self.overload is not None
 
+    @property
+    def watches_response(self) -> bool:
+        """Something is learnt from the response or given back at its end (slots, cost, an
+        overload seat). Request quotas alone need neither: their RateLimit fields reach the
+        response through Envoy's route config, without a response message to us."""
+        return self.overload is not None or any(r.kind != "requests" for r in self.rules)
+
     def user_class(self, identity: Identity) -> str:
         value = identity.claims.get(self.class_claim)
         return value if isinstance(value, str) and value else self.default_class
@@ -122,10 +133,10 @@ class QuotaCompileError(ValueError):
         self.field = field
 
 
-def _rule(rule: QuotaRule, index: int) -> CompiledQuota:
+def _rule(rule: QuotaRule, where: str) -> CompiledQuota:
     estimate = actual = None
     if rule.cost is not None:
-        where = f"quotas.rules.{index}.cost"
+        where = f"{where}.cost"
         try:
             estimate = compile_cost(rule.cost.estimate, REQUEST_VARIABLES)
         except CostExpressionError as exc:
@@ -152,10 +163,12 @@ def _rule(rule: QuotaRule, index: int) -> CompiledQuota:
         estimate=estimate,
         actual=actual,
         versions=frozenset(rule.versions) if rule.versions is not None else None,
+        lease_units=rule.local_lease.units if rule.local_lease else 0,
+        lease_ms=duration_ms(rule.local_lease.ttl) if rule.local_lease else 0,
     )
 
 
-def compile_quotas(model: str, quotas: Quotas) -> QuotaPlan:
+def compile_quotas(model: str, quotas: Quotas, field_prefix: str = "quotas.rules") -> QuotaPlan:
     overload = None
     if quotas.overload is not None:
         spec = quotas.overload
@@ -172,7 +185,7 @@ def compile_quotas(model: str, quotas: Quotas) -> QuotaPlan:
         )
     return QuotaPlan(
         model=model,
-        rules=tuple(_rule(r, i) for i, r in enumerate(quotas.rules)),
+        rules=tuple(_rule(r, f"{field_prefix}.{i}") for i, r in enumerate(quotas.rules)),
         class_claim=quotas.class_claim,
         default_class=quotas.default_class,
         fail_closed=quotas.on_store_failure == "fail_closed",

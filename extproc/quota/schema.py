@@ -52,6 +52,19 @@ class CostSpec(Strict):
     )
 
 
+class LocalLease(Strict):
+    """Each replica takes `units` at once from the shared store and spends them on its own, so
+    most requests cost no store round trip. Units are counted by the store when taken, so the
+    limit still holds within a window; what replicas hold when a window ends is spent in the
+    next, so in any window (any span of time for gcra) at most limit + replicas x units pass.
+    Unspent units go back to the store after `ttl`."""
+
+    units: int = Field(ge=2, le=100_000, description="Units one replica takes at once.")
+    ttl: Duration = Field(
+        default="1s", description="Unspent units go back to the store after this (100ms to 1m)."
+    )
+
+
 class QuotaRule(Strict):
     """One limit. Requests and cost count per window; concurrency counts requests in flight."""
 
@@ -100,6 +113,11 @@ class QuotaRule(Strict):
     versions: list[Name] | None = Field(
         default=None, description="Apply only when one of these versions is served."
     )
+    local_lease: LocalLease | None = Field(
+        default=None,
+        description="requests and cost, with a shared store: take units in batches per "
+        "replica (fewer store round trips, a bounded over-admission; see LocalLease).",
+    )
 
     @model_validator(mode="after")
     def _kind_fields(self) -> QuotaRule:
@@ -125,6 +143,15 @@ class QuotaRule(Strict):
         lease_ms = duration_ms(self.lease)
         if not MIN_WINDOW_MS <= lease_ms <= MAX_WINDOW_MS:
             raise ValueError(f"quota {self.name!r}: lease must be between 1s and 1d")
+        if self.local_lease is not None:
+            if self.kind == "concurrency":
+                raise ValueError(f"quota {self.name!r}: concurrency slots cannot be leased")
+            if self.local_lease.units > self.limit:
+                raise ValueError(
+                    f"quota {self.name!r}: local_lease.units exceeds limit {self.limit}"
+                )
+            if not 100 <= duration_ms(self.local_lease.ttl) <= 60_000:
+                raise ValueError(f"quota {self.name!r}: local_lease.ttl must be 100ms to 1m")
         for cls, limit in (self.classes or {}).items():
             if limit > self.limit:
                 raise ValueError(
@@ -189,3 +216,43 @@ class Quotas(Strict):
         if len(set(names)) != len(names):
             raise ValueError("quota rule names must be unique")
         return self
+
+
+class PlatformQuotas(Strict):
+    """The platform team's quota defaults (policies/_platform.yaml), for every model."""
+
+    defaults: list[QuotaRule] = Field(
+        default_factory=list,
+        description="Rules every model gets, unless its own policy has a rule of the same name "
+        "(which then replaces it). Per-class limits (`classes`) give each tenant class, e.g. "
+        "free / pro / enterprise, its default.",
+    )
+    class_claim: ClaimName | None = Field(
+        default=None, description="Used by models whose policy does not set quotas.class_claim."
+    )
+    default_class: Name | None = Field(
+        default=None,
+        description="Used by models whose policy does not set quotas.default_class.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_and_model_free(self) -> PlatformQuotas:
+        names = [r.name for r in self.defaults]
+        if len(set(names)) != len(names):
+            raise ValueError("default rule names must be unique")
+        for rule in self.defaults:
+            if rule.versions is not None:
+                raise ValueError(f"default {rule.name!r}: versions belong in a model's policy")
+        return self
+
+    def apply(self, quotas: Quotas) -> Quotas:
+        """A model's quotas with these defaults filled in."""
+        own = {r.name for r in quotas.rules}
+        update: dict[str, object] = {
+            "rules": [*quotas.rules, *(r for r in self.defaults if r.name not in own)]
+        }
+        if self.class_claim is not None and "class_claim" not in quotas.model_fields_set:
+            update["class_claim"] = self.class_claim
+        if self.default_class is not None and "default_class" not in quotas.model_fields_set:
+            update["default_class"] = self.default_class
+        return quotas.model_copy(update=update)

@@ -24,6 +24,11 @@ Semantics, per counter (`Counter.algorithm`):
   the request id until released, or until `window_ms` passes (a lease, so a crashed replica's
   slots come back on their own). remaining = free slots after the take; reset_ms = 0.
 
+A take may ask for more than it needs (`Take.up_to`, window algorithms only): when `amount`
+fits, the store also grants as many further units as fit, up to `up_to` in all, and the
+receipt's amount says how many it granted. `lease.LeasingStore` uses this to take a batch of
+units in the same round trip as a request's own take.
+
 Every take in one call is checked first and applied only if all fit ("all or nothing"): a
 request denied by its tenant's quota does not consume its principal's. Counters in one call
 share a Cluster hash tag (`Counter.key` carries it). Every key the store writes has a TTL.
@@ -55,12 +60,17 @@ class Counter:
     limit: int  # units per window; for CONCURRENCY, slots
     window_ms: int  # the window; for CONCURRENCY, the lease time of a slot
     burst: int = 0  # GCRA only: units allowed at once (0 means `limit`)
+    # How a replica may lease this counter (lease.LeasingStore; the stores ignore both): units
+    # taken at once from the shared store, and how long unspent ones are kept. 0: no leases.
+    lease_units: int = 0
+    lease_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Take:
     counter: Counter
     amount: int  # 1 for a request or a slot, the estimated cost for cost quotas
+    up_to: int = 0  # window algorithms: also grant what fits beyond `amount`, up to this in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +91,7 @@ class Receipt:
     window take landed in, the request id holding a slot)."""
 
     counter: Counter
-    amount: int
+    amount: int  # what was granted (more than asked when the take had `up_to`)
     ref: str
 
 

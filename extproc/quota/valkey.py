@@ -138,8 +138,10 @@ class ValkeyStore:
             counter = take.counter
             if counter.limit < 1 or counter.window_ms < 1 or take.amount < 0:
                 raise ValueError("a counter needs limit >= 1 and window_ms >= 1, an amount >= 0")
+            if take.up_to and counter.algorithm is Algorithm.CONCURRENCY:
+                raise ValueError("up_to is for window algorithms, not concurrency")
             keys.append(counter.key)
-            args += (*_counter_args(counter), take.amount)
+            args += (*_counter_args(counter), take.amount, take.up_to)
         reply = await self._run(_TAKE, keys, args)
         try:
             return _outcome(takes, request_id, reply)
@@ -228,13 +230,13 @@ def _store_error(exc: BaseException) -> StoreError:
 
 
 def _outcome(takes: Sequence[Take], request_id: str, reply: list[int]) -> Outcome:
-    if len(reply) != 1 + 5 * len(takes):
+    if len(reply) != 1 + 6 * len(takes):
         raise ValueError("reply length")
     admitted = reply[0] == 1
     verdicts: list[Verdict] = []
     receipts: list[Receipt] = []
     for index, take in enumerate(takes):
-        allowed, remaining, reset, retry, window = reply[1 + index * 5 : 6 + index * 5]
+        allowed, remaining, reset, retry, window, granted = reply[1 + index * 6 : 7 + index * 6]
         counter = take.counter
         verdicts.append(Verdict(allowed == 1, counter.limit, remaining, reset, retry))
         if admitted:
@@ -244,5 +246,5 @@ def _outcome(takes: Sequence[Take], request_id: str, reply: list[int]) -> Outcom
                 ref = ""
             else:
                 ref = str(window)
-            receipts.append(Receipt(counter, take.amount, ref))
+            receipts.append(Receipt(counter, granted, ref))
     return Outcome(admitted, tuple(verdicts), tuple(receipts))

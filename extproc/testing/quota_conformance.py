@@ -179,6 +179,38 @@ class QuotaStoreConformance:
         )
         assert sum(o.admitted for o in outcomes) == 50
 
+    # -- taking more than needed (up_to) ---------------------------------------------------------
+
+    @pytest.mark.parametrize("algorithm", WINDOWS)
+    async def test_up_to_grants_what_fits_beyond_the_amount(
+        self, harness: StoreHarness, algorithm: Algorithm
+    ) -> None:
+        store = harness.store
+        c = counter(harness, "upto", algorithm, 10, MINUTE)
+        full = await store.take([Take(c, 2, up_to=6)], "r1")
+        assert full.admitted and full.receipts[0].amount == 6
+        assert full.verdicts[0].remaining == 4
+        partial = await store.take([Take(c, 1, up_to=8)], "r2")  # 4 left: 1 needed, 3 more
+        assert partial.admitted and partial.receipts[0].amount == 4
+        assert partial.verdicts[0].remaining == 0
+        denied = await store.take([Take(c, 1, up_to=5)], "r3")
+        assert not denied.admitted and denied.receipts == ()
+        # A grant is settled like any take: giving back 3 of the 4 makes room for 3.
+        await store.adjust([(partial.receipts[0], -3)])
+        assert (await probe(store, c)).remaining == 3
+
+    async def test_up_to_never_grants_when_the_call_is_denied(self, harness: StoreHarness) -> None:
+        store = harness.store
+        c = counter(harness, "upto", Algorithm.FIXED_WINDOW, 10, MINUTE)
+        blocker = counter(harness, "blocker", Algorithm.FIXED_WINDOW, 1, MINUTE)
+        assert (await take1(store, blocker)).admitted
+        outcome = await store.take([Take(c, 1, up_to=10), Take(blocker, 1)], "r")
+        assert not outcome.admitted
+        assert (await probe(store, c)).remaining == 10
+        with pytest.raises(ValueError, match="up_to"):
+            slots = counter(harness, "slots", Algorithm.CONCURRENCY, 5, MINUTE)
+            await store.take([Take(slots, 1, up_to=3)], "r")
+
     # -- GCRA -----------------------------------------------------------------------------------
 
     async def test_gcra_burst_then_steady_rate(self, harness: StoreHarness) -> None:

@@ -138,11 +138,19 @@ def test_demo_quotas_are_announced_in_both_modes(gw: Gateway) -> None:
     gw.await_status(CHAT, chat_body(), {"x-api-key": key}, 200)
     r = gw.client.post(CHAT, json=chat_body(), headers={"x-api-key": key})
     assert r.status_code == 200, r.text
-    # The free class gets 60 of the rule's 300 requests; tokens are per tenant.
+    # The free class gets 60 of the rule's 300 requests; tokens are per tenant; the platform's
+    # default (policies/_platform.yaml) gives a free tenant 2000 a day on each model.
     policy = r.headers["ratelimit-policy"]
-    assert policy == '"requests-per-caller";q=60;w=60, "tokens-per-tenant";q=200000;w=3600'
+    assert policy == (
+        '"requests-per-caller";q=60;w=60, "tokens-per-tenant";q=200000;w=3600, '
+        '"tenant-daily";q=2000;w=86400'
+    )
     state = r.headers["ratelimit"]
     assert state.startswith('"requests-per-caller";r=') and '"tokens-per-tenant";r=' in state
+    iris = gw.client.post(IRIS, json=IRIS_BODY, headers={"x-api-key": gw.iris_key})
+    assert iris.status_code == 200, iris.text  # a model without quotas of its own
+    assert iris.headers["ratelimit-policy"] == '"tenant-daily";q=100000;w=86400'
+
 
 
 def test_valid_api_key_reaches_the_pod_over_http2(gw: Gateway) -> None:

@@ -54,6 +54,18 @@ POLICIES: dict[str, dict[str, Any]] = {
     "q-concurrency": {
         "rules": [{"name": "in-flight", "kind": "concurrency", "limit": 3, "lease": "1m"}],
     },
+    "q-leased": {  # gcra 20 per hour: no unit comes back on its own during the test
+        "rules": [
+            {"name": "leased", "limit": 20, "window": "1h",
+             "local_lease": {"units": 5, "ttl": "1s"}},
+        ],
+    },
+    "q-leased-fast": {
+        "rules": [
+            {"name": "leased-fast", "limit": 100000, "window": "1m",
+             "local_lease": {"units": 10, "ttl": "10s"}},
+        ],
+    },
     "q-local": {
         "on_store_failure": "local",
         "local_fraction": 1.0,
@@ -113,6 +125,8 @@ def gw(
 ) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("quotas")
     stack = make_stack(root, mode="ext_proc", workers=2, quota_store=store.url)
+    # Each model here is one behaviour: no platform default rules added to them.
+    (root / "policies" / "_platform.yaml").unlink()
     for model, quotas in POLICIES.items():
         (root / "policies" / f"{model}.yaml").write_text(yaml.safe_dump(policy(model, quotas)))
     gateway = Gateway(stack)
@@ -155,6 +169,49 @@ def test_exactly_the_limit_is_admitted_across_workers(gw: Gateway) -> None:
     ok = next(r for r in responses if r.status_code == 200)
     assert ok.headers["ratelimit-policy"] == '"per-caller";q=20;w=60'
     assert ok.headers["ratelimit"].startswith('"per-caller";r=')
+
+
+def test_leased_units_never_exceed_the_limit_and_unspent_ones_come_back(gw: Gateway) -> None:
+    key = gw.stack.create_api_key("lena", "demo", ["chat"])
+    time.sleep(1.5)
+
+    async def one(client: httpx.AsyncClient, _i: int) -> httpx.Response:
+        return await client.post(CHAT, json=body("q-leased"), headers=keyed(key))
+
+    waves = []
+    for _ in range(6):  # bounded: each wave spends what the last one's leases gave back
+        statuses = [r.status_code for r in asyncio.run(_burst(gw, 40, one))]
+        assert set(statuses) <= {200, 429}, statuses
+        waves.append(statuses.count(200))
+        if sum(waves) >= 20 and waves[-1] == 0:
+            break
+        time.sleep(1.5)  # past the lease time: unspent units go back to the store
+    # Two workers hold at most 5 units each: the first wave gets at least 20 - 2 x 5.
+    assert 10 <= waves[0] <= 20, waves
+    assert sum(waves) == 20, waves  # once returned, every unit is spent exactly once
+
+
+def test_leases_spare_store_round_trips(gw: Gateway, node: ValkeyNode) -> None:
+    key = gw.stack.create_api_key("lars", "demo", ["chat"])
+    time.sleep(1.5)
+    client = redis.Redis(host=node.host, port=node.port)
+    try:
+        before = _script_calls(client)
+        statuses = [
+            gw.client.post(CHAT, json=body("q-leased-fast"), headers=keyed(key)).status_code
+            for _ in range(40)
+        ]
+        calls = _script_calls(client) - before
+    finally:
+        client.close()
+    assert statuses == [200] * 40
+    # Without leases: 40 takes. With batches of 10 per worker, refilled at half: about 10.
+    assert calls <= 14, calls
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
 
 
 def test_fixed_window_resets_at_its_edge(gw: Gateway) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.adapters import ext_proc
 from extproc.authn.apikey import ApiKeyStore, create_key
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
@@ -287,3 +289,31 @@ async def test_overload_latency_is_time_to_response_headers(tmp_path: Path) -> N
     (busy,) = [p for p in env.policies.current.policies if p.model == "busy"]
     guard = busy.quotas.overload
     assert guard is not None and guard.latency_ewma_s < 0.1  # the stream's length is not load
+
+
+async def test_request_quotas_ride_on_metadata_without_a_response_message(env: Env) -> None:
+    allow = await chat(env, env.alice)
+    assert isinstance(allow, Allow) and allow.admission is not None
+    assert not allow.admission.wants_response  # nothing held past the request
+    message = pb.ProcessingResponse.FromString(
+        ext_proc.allowed(allow, "d" * len(ext_proc.DECISION_ID_SLOT), "request_headers")
+    )
+    assert not message.HasField("mode_override")  # Envoy is not asked for the response
+    fields = message.dynamic_metadata.fields
+    assert set(fields) == {ext_proc.METADATA_NAMESPACE, ext_proc.RATELIMIT_NAMESPACE}
+    ratelimit = dict(fields[ext_proc.RATELIMIT_NAMESPACE].struct_value)
+    assert ratelimit == dict(allow.admission.headers)
+    decision = fields[ext_proc.METADATA_NAMESPACE].struct_value
+    assert decision["decision_id"] == "d" * len(ext_proc.DECISION_ID_SLOT)
+
+
+async def test_cost_and_slots_still_ask_for_the_response(env: Env) -> None:
+    allow = await complete(env, env.alice, {"prompt": "hi", "max_tokens": 10})
+    assert isinstance(allow, Allow) and allow.admission is not None
+    assert allow.admission.wants_response
+    message = pb.ProcessingResponse.FromString(
+        ext_proc.allowed(allow, "d" * len(ext_proc.DECISION_ID_SLOT), "request_headers")
+    )
+    assert message.mode_override.response_header_mode == message.mode_override.SEND
+    allow.admission.close_soon()
+    await asyncio.sleep(0)

@@ -4,59 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from extproc.quota.guarded import GuardedStore
-from extproc.quota.memory import MemoryStore
 from extproc.quota.store import (
     Algorithm,
     Counter,
-    Outcome,
-    Receipt,
     StoreError,
     Take,
 )
 from extproc.quota.valkey import ValkeyStore
 from extproc.testing.clock import FakeClock
+from extproc.testing.instrumented import Instrumented
 from extproc.testing.quota_conformance import quota_clock
 from extproc.testing.valkey import valkey_server
 
 PER_SECOND = Counter("gq:{m}:p", Algorithm.FIXED_WINDOW, 2, 1000)
 OTHER = Counter("gq:{m}:t", Algorithm.FIXED_WINDOW, 100, 1000)
-
-
-class Instrumented:
-    """A real MemoryStore behind switches that make it slow or failing, counting its calls."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.inner = MemoryStore(clock=clock)
-        self.calls = 0
-        self.delay = 0.0
-        self.failing = False
-        self.gate: asyncio.Event | None = None
-
-    async def _enter(self) -> None:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.failing:
-            raise StoreError("down")
-
-    async def take(self, takes: Sequence[Take], request_id: str) -> Outcome:
-        await self._enter()
-        return await self.inner.take(takes, request_id)
-
-    async def adjust(self, adjustments: Sequence[tuple[Receipt, int]]) -> None:
-        await self._enter()
-        await self.inner.adjust(adjustments)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @pytest.fixture
@@ -100,6 +66,22 @@ async def test_a_denied_counter_is_denied_locally_until_its_retry_after(
     clock.advance_ms(400)  # the window ended: ask the store again
     assert (await store.take([Take(PER_SECOND, 1)], "r")).admitted
     assert inner.calls == 5
+
+
+async def test_units_given_back_here_end_a_cached_denial(
+    inner: Instrumented, clock: FakeClock
+) -> None:
+    store = GuardedStore(inner, clock=clock)
+    clock.now = 1000.5
+    first = await store.take([Take(PER_SECOND, 1)], "r")
+    assert (await store.take([Take(PER_SECOND, 1)], "r")).admitted
+    assert not (await store.take([Take(PER_SECOND, 1)], "r")).admitted
+    await store.adjust([(first.receipts[0], 0)])  # no room given back: the denial stands
+    assert not (await store.take([Take(PER_SECOND, 1)], "r")).admitted
+    calls = inner.calls
+    await store.adjust([(first.receipts[0], -1)])  # a refund: room again
+    assert (await store.take([Take(PER_SECOND, 1)], "r")).admitted
+    assert inner.calls == calls + 2  # the adjust and the take both reached the store
 
 
 async def test_concurrency_denials_are_not_cached(inner: Instrumented, clock: FakeClock) -> None:

@@ -1,11 +1,12 @@
 -- Checks every take against its counter at the store's time, then applies all of them or none.
 -- The same arithmetic as extproc/quota/memory.py; store.py states the semantics.
 --
--- KEYS[i]: take i's counter (all share one hash tag). ARGV[1]: the request id; then 5 values
+-- KEYS[i]: take i's counter (all share one hash tag). ARGV[1]: the request id; then 6 values
 -- per take: algorithm (1 gcra, 2 sliding window, 3 fixed window, 4 concurrency), limit,
--- window_ms, burst, amount.
--- Returns {admitted, then per take: allowed, remaining, reset_ms, retry_after_ms, window}
--- (window: the window index a window take landed in, else 0).
+-- window_ms, burst, amount, up_to (window algorithms: when amount fits, also grant what fits
+-- beyond it, up to this in all; 0 for none).
+-- Returns {admitted, then per take: allowed, remaining, reset_ms, retry_after_ms, window,
+-- granted} (window: the window index a window take landed in, else 0).
 
 local EPS_MS = 0.001    -- absorbs float rounding in GCRA sums (one microsecond)
 local EPS_COUNT = 1e-9  -- the same for sliding-window estimates
@@ -125,25 +126,41 @@ local function leases(key, state, limit, window, n)
   return 0, math.max(0, limit - state.count), 0, math.max(1, retry)
 end
 
+local function window_take(state, algorithm, limit, window, burst, n)
+  if algorithm == 1 then
+    return gcra(state, limit, window, burst, n)
+  elseif algorithm == 2 then
+    return sliding(state, limit, window, n)
+  end
+  return fixed(state, limit, window, n)
+end
+
 local reply = {1}
 local admitted = true
 for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 5
+  local base = 1 + (i - 1) * 6
   local algorithm = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
   local window = tonumber(ARGV[base + 3])
   local burst = tonumber(ARGV[base + 4])
   local n = tonumber(ARGV[base + 5])
+  local up_to = tonumber(ARGV[base + 6])
   local state = load(key, algorithm, window)
   local allowed, remaining, reset, retry
-  if algorithm == 1 then
-    allowed, remaining, reset, retry = gcra(state, limit, window, burst, n)
-  elseif algorithm == 2 then
-    allowed, remaining, reset, retry = sliding(state, limit, window, n)
-  elseif algorithm == 3 then
-    allowed, remaining, reset, retry = fixed(state, limit, window, n)
-  else
+  local granted = n
+  if algorithm == 4 then
     allowed, remaining, reset, retry = leases(key, state, limit, window, n)
+  else
+    allowed, remaining, reset, retry = window_take(state, algorithm, limit, window, burst, n)
+    local extra = math.min(up_to - n, remaining)
+    if allowed == 1 and extra > 0 then
+      local more, more_remaining, more_reset, more_retry =
+        window_take(state, algorithm, limit, window, burst, extra)
+      if more == 1 then -- always, by the first verdict's arithmetic
+        remaining, reset, retry = more_remaining, more_reset, more_retry
+        granted = n + extra
+      end
+    end
   end
   if allowed == 0 then
     admitted = false
@@ -154,6 +171,7 @@ for i, key in ipairs(KEYS) do
   reply[n_reply + 3] = reset
   reply[n_reply + 4] = retry
   reply[n_reply + 5] = state.window or 0
+  reply[n_reply + 6] = granted
 end
 
 if not admitted then
