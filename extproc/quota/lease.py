@@ -180,8 +180,8 @@ class LeasingStore:
 
     async def close(self) -> None:
         """Give back every unspent unit (best effort), then close the store."""
-        for task in list(self._tasks):
-            task.cancel()
+        # Refills and give-backs in flight finish first (the store bounds each call's time);
+        # cancelling a give-back would lose its units until their window ends.
         await asyncio.gather(*self._tasks, return_exceptions=True)
         batches: list[_Batch] = []
         for lease in self._leases.values():
