@@ -167,7 +167,7 @@ def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
     a replacement body when the decision has one (appended: protobuf merges concatenated
     messages, so the cached part is never rebuilt)."""
     admission = allow.admission
-    watch = admission is not None and admission.wants_response
+    watch = admission is not None and admission.wants_end
     out = fill_decision_id(_TEMPLATES[phase, watch].get(allow), decision_id)
     if admission is not None and admission.headers:
         fields = struct({RATELIMIT_NAMESPACE: dict(admission.headers)})

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from extproc.policy.schema import PlatformPolicy, Policy
 
 MAX_POLICY_BYTES = 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +95,8 @@ NO_PLATFORM = PlatformFile(None, PlatformPolicy(), "")
 
 def read_policy_file(path: Path) -> PolicyFile:
     """One model's file, validated. Raises PolicyLoadError naming the file and field."""
-    raw, data = _read_document(path)
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyLoadError(_pydantic_errors(str(path), exc)) from None
-    return PolicyFile(path=path, policy=policy, digest=hashlib.sha256(raw).hexdigest())
+    policy, digest = _read_validated(path, Policy)
+    return PolicyFile(path=path, policy=policy, digest=digest)
 
 
 def read_platform_file(directory: Path) -> PlatformFile:
@@ -107,12 +104,18 @@ def read_platform_file(directory: Path) -> PlatformFile:
     path = directory / PLATFORM_FILE
     if not path.is_file():
         return NO_PLATFORM
+    platform, digest = _read_validated(path, PlatformPolicy)
+    return PlatformFile(path=path, platform=platform, digest=digest)
+
+
+def _read_validated(path: Path, schema: type[M]) -> tuple[M, str]:
+    """The file validated against `schema`, and the SHA-256 of its bytes."""
     raw, data = _read_document(path)
     try:
-        platform = PlatformPolicy.model_validate(data)
+        validated = schema.model_validate(data)
     except ValidationError as exc:
         raise PolicyLoadError(_pydantic_errors(str(path), exc)) from None
-    return PlatformFile(path=path, platform=platform, digest=hashlib.sha256(raw).hexdigest())
+    return validated, hashlib.sha256(raw).hexdigest()
 
 
 def _read_document(path: Path) -> tuple[bytes, dict[str, Any]]:

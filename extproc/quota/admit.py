@@ -59,12 +59,6 @@ class Admission:
         return any(rule.actual is not None for rule, _ in self.held)
 
     @property
-    def wants_response(self) -> bool:
-        """Anything to learn from the response (status, usage) or to give back at its end.
-        RateLimit fields alone do not count: they travel with the request's decision."""
-        return self.wants_end
-
-    @property
     def needs_end(self) -> bool:
         """Something is held that only the exchange's end gives back (slots, overload seats):
         a transport that never sees the end cannot enforce these."""
@@ -72,7 +66,9 @@ class Admission:
 
     @property
     def wants_end(self) -> bool:
-        """Something is held until the exchange ends (slots, a reservation, an overload seat)."""
+        """Something is held until the exchange ends (slots, a reservation, an overload seat),
+        so the response must be watched. RateLimit fields alone do not count: they travel with
+        the request's decision."""
         return self.ticket is not None or any(r.kind != "requests" for r, _ in self.held)
 
     def on_response(self, status: int) -> None:

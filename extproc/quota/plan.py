@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from extproc.authn.base import Identity
 from extproc.quota.cost import (
@@ -92,26 +92,25 @@ class QuotaPlan:
     local_fraction: float
     overload: OverloadGuard | None
 
-    @property
-    def needs_body(self) -> bool:
-        """Cost is estimated from the body, so admission waits for it."""
-        return any(r.kind == "cost" for r in self.rules)
+    # Derived once here, read on every request.
+    needs_body: bool = field(init=False)  # cost is estimated from the body: admission waits
+    settles: bool = field(init=False)  # some cost quota settles to the response's usage
+    active: bool = field(init=False)
+    # Something is learnt from the response or given back at its end (slots, cost, an overload
+    # seat). Request quotas alone need neither: their RateLimit fields reach the response
+    # through Envoy's route config, without a response message to us.
+    watches_response: bool = field(init=False)
 
-    @property
-    def settles(self) -> bool:
-        """Some cost quota is settled to the response's usage."""
-        return any(r.actual is not None for r in self.rules)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.rules) or self.overload is not None
-
-    @property
-    def watches_response(self) -> bool:
-        """Something is learnt from the response or given back at its end (slots, cost, an
-        overload seat). Request quotas alone need neither: their RateLimit fields reach the
-        response through Envoy's route config, without a response message to us."""
-        return self.overload is not None or any(r.kind != "requests" for r in self.rules)
+    def __post_init__(self) -> None:
+        kinds = {r.kind for r in self.rules}
+        derived = {
+            "needs_body": "cost" in kinds,
+            "settles": any(r.actual is not None for r in self.rules),
+            "active": bool(self.rules) or self.overload is not None,
+            "watches_response": self.overload is not None or bool(kinds - {"requests"}),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def user_class(self, identity: Identity) -> str:
         value = identity.claims.get(self.class_claim)

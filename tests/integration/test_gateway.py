@@ -152,7 +152,6 @@ def test_demo_quotas_are_announced_in_both_modes(gw: Gateway) -> None:
     assert iris.headers["ratelimit-policy"] == '"tenant-daily";q=100000;w=86400'
 
 
-
 def test_valid_api_key_reaches_the_pod_over_http2(gw: Gateway) -> None:
     r = gw.h2.post(IRIS, json=IRIS_BODY, headers={"x-api-key": gw.iris_key})
     assert r.status_code == 200, r.text

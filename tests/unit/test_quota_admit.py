@@ -294,7 +294,7 @@ async def test_overload_latency_is_time_to_response_headers(tmp_path: Path) -> N
 async def test_request_quotas_ride_on_metadata_without_a_response_message(env: Env) -> None:
     allow = await chat(env, env.alice)
     assert isinstance(allow, Allow) and allow.admission is not None
-    assert not allow.admission.wants_response  # nothing held past the request
+    assert not allow.admission.wants_end  # nothing held past the request
     message = pb.ProcessingResponse.FromString(
         ext_proc.allowed(allow, "d" * len(ext_proc.DECISION_ID_SLOT), "request_headers")
     )
@@ -310,7 +310,7 @@ async def test_request_quotas_ride_on_metadata_without_a_response_message(env: E
 async def test_cost_and_slots_still_ask_for_the_response(env: Env) -> None:
     allow = await complete(env, env.alice, {"prompt": "hi", "max_tokens": 10})
     assert isinstance(allow, Allow) and allow.admission is not None
-    assert allow.admission.wants_response
+    assert allow.admission.wants_end
     message = pb.ProcessingResponse.FromString(
         ext_proc.allowed(allow, "d" * len(ext_proc.DECISION_ID_SLOT), "request_headers")
     )

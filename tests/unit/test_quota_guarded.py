@@ -18,21 +18,10 @@ from extproc.quota.store import (
 from extproc.quota.valkey import ValkeyStore
 from extproc.testing.clock import FakeClock
 from extproc.testing.instrumented import Instrumented
-from extproc.testing.quota_conformance import quota_clock
 from extproc.testing.valkey import valkey_server
 
 PER_SECOND = Counter("gq:{m}:p", Algorithm.FIXED_WINDOW, 2, 1000)
 OTHER = Counter("gq:{m}:t", Algorithm.FIXED_WINDOW, 100, 1000)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return quota_clock()
-
-
-@pytest.fixture
-def inner(clock: FakeClock) -> Instrumented:
-    return Instrumented(clock)
 
 
 # -- over-limit cache --------------------------------------------------------------------------
