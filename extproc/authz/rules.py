@@ -26,6 +26,8 @@ class CompiledRule:
     scopes_any: frozenset[str] | None
     scopes_all: frozenset[str] | None
     claims: tuple[tuple[str, tuple[Any, ...]], ...]
+    # Scoped to requests carrying one of these input types: checked once the body is read.
+    input_types: frozenset[str] | None = None
 
     def applies_to(self, version: str) -> bool:
         return self.versions is None or version in self.versions
@@ -78,15 +80,29 @@ def compile_rule(rule: Rule) -> CompiledRule:
         scopes_any=_frozen(rule.scopes_any),
         scopes_all=_frozen(rule.scopes_all),
         claims=tuple((k, _claim_values(v)) for k, v in sorted((rule.claims or {}).items())),
+        input_types=_frozen(rule.input_types),
     )
 
 
 def first_failure(
-    rules: tuple[CompiledRule, ...], identity: Identity, version: str
+    rules: tuple[CompiledRule, ...],
+    identity: Identity,
+    version: str,
+    input_types: frozenset[str] | None = None,
 ) -> tuple[str, str] | None:
-    """(rule name, condition) of the first applicable rule that fails, or None: all pass."""
+    """(rule name, condition) of the first applicable rule that fails, or None: all pass.
+
+    Without `input_types` (the request headers) rules scoped to input types are left for later;
+    with them (the body was read) only those rules are checked, the rest having passed already.
+    """
     for rule in rules:
-        if rule.applies_to(version):
+        if input_types is None:
+            scoped_in = rule.input_types is None
+        else:
+            scoped_in = rule.input_types is not None and not rule.input_types.isdisjoint(
+                input_types
+            )
+        if scoped_in and rule.applies_to(version):
             failed = rule.failed_condition(identity)
             if failed is not None:
                 return rule.name, failed

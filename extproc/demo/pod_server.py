@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
+import gzip
 import http.server
 import json
 import logging
@@ -19,7 +21,9 @@ import socket
 import socketserver
 import threading
 import time
+import traceback
 import urllib.parse
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -34,6 +38,10 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 RECORDED_BODY_BYTES = 64 * 1024
 RECORDED_REQUESTS = 1000
 CONTROL_PREFIX = "/_demo/"
+# Demo knobs any pod honours: answer 500 with a Python traceback (a server in debug mode), or
+# gzip the answer whatever the request's Accept-Encoding said.
+DEMO_TRACEBACK_HEADER = "x-demo-traceback"
+DEMO_GZIP_HEADER = "x-demo-gzip"
 
 _MAX_LINE = 65536
 _MAX_TRAILER_LINES = 100
@@ -83,6 +91,20 @@ class HttpError(Exception):
         self.status = status
         self.message = message
         self.allow = allow
+
+
+def gzipped(response: Response) -> Response:
+    """The response gzip-encoded; a stream stays a stream, each piece flushed as it goes."""
+    headers = (*response.headers, ("Content-Encoding", "gzip"))
+    if response.stream is None:
+        body = gzip.compress(response.body, mtime=0)
+        return dataclasses.replace(response, body=body, headers=headers)
+    deflater = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    pieces = [
+        deflater.compress(piece) + deflater.flush(zlib.Z_SYNC_FLUSH) for piece in response.stream
+    ]
+    pieces.append(deflater.flush())
+    return dataclasses.replace(response, stream=tuple(pieces), headers=headers)
 
 
 def json_bytes(value: object) -> bytes:
@@ -304,13 +326,23 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
         )
 
     def _respond(self, app: App, request: Request) -> Response:
+        leak = request.headers.get(DEMO_TRACEBACK_HEADER) == "1"
         try:
-            return app.handle(request)
+            if leak:
+                raise RuntimeError(f"demo failure in {app.name}; page oncall@demo.example")
+            response = app.handle(request)
         except HttpError as err:
-            return app.error(err)
+            response = app.error(err)
         except Exception:
+            if leak:
+                # A server left in debug mode sends its traceback: what the gateway must hide.
+                trace = traceback.format_exc().encode()
+                return Response(500, trace, content_type="text/plain; charset=utf-8")
             log.exception("demo pod %s failed on %s %s", app.name, request.method, request.path)
-            return app.error(HttpError(500, "internal error"))
+            response = app.error(HttpError(500, "internal error"))
+        if request.headers.get(DEMO_GZIP_HEADER) == "1":
+            return gzipped(response)
+        return response
 
     def _record(self, body: bytes, size: int) -> None:
         self.pod.app.recorder.add(

@@ -31,6 +31,9 @@ class RequestContext:
     scheme: str = "https"
     decision_id: str = field(default_factory=new_decision_id)
     body: bytes | None = None
+    # The transport can replace the request body (ext_proc can, ext_authz cannot): where it
+    # cannot, a body that would have to be rewritten (masked PII) is refused instead.
+    rewrites_body: bool = True
 
     @staticmethod
     def split_path(raw_path: str) -> tuple[str, str]:

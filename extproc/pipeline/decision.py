@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 
 from extproc.authn.base import Identity
+from extproc.inspect.plan import NO_OUTPUT, OutputPlan
+from extproc.inspect.violation import Violation
 from extproc.policy.compiled import RouteEntry
 
 if TYPE_CHECKING:
@@ -26,11 +28,14 @@ class Deny:
     phase: Phase
     reason: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    # The request body's field at fault (a JSON path), when there is one.
+    field: str = ""
 
     def json_body(self, decision_id: str) -> bytes:
-        return orjson.dumps(
-            {"error": {"code": self.code, "message": self.message, "decision_id": decision_id}}
-        )
+        error = {"code": self.code, "message": self.message, "decision_id": decision_id}
+        if self.field:
+            error["field"] = self.field
+        return orjson.dumps({"error": error})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +50,16 @@ class Allow:
     credential_headers: tuple[str, ...] = ("authorization",)
     # What the request holds under its quotas until its response ends (None: no quotas).
     admission: Admission | None = field(default=None, compare=False)
-    # A replacement request body (e.g. asking the upstream to report streamed usage).
+    # A replacement request body (masked PII, a decoded gzip body, asking the upstream to
+    # report streamed usage). Always identity-encoded.
     body: bytes | None = field(default=None, compare=False)
+    # Request headers removed on the way up besides credentials (Accept-Encoding, when the
+    # response is to be read).
+    strip_headers: tuple[str, ...] = ()
+    # What the respond phase does with the model's answer.
+    output: OutputPlan = field(default=NO_OUTPUT, compare=False)
+    # What inspection flagged but let through; shown in x-gateway-flags.
+    flags: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +118,17 @@ def no_route(reason: str = "no_policy") -> Deny:
 
 def bad_request(code: str, message: str, reason: str, phase: Phase = "route") -> Deny:
     return Deny(status=400, code=code, message=message, phase=phase, reason=reason)
+
+
+def refused_input(violation: Violation) -> Deny:
+    return Deny(
+        status=violation.status,
+        code=violation.code,
+        message=violation.message,
+        phase="inspect",
+        reason=violation.code,
+        field=violation.field,
+    )
 
 
 def internal_error(reason: str) -> Deny:

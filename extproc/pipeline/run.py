@@ -3,8 +3,11 @@
 1. route        which policy owns the request (host, path; the body's model on shared paths)
 2. authenticate the first accepted method that succeeds wins; none -> 401
 3. authorize    every applicable rule passes -> else 403; picks the version and its cluster
-4. admit        every applicable quota has room -> else 429 (or 503 when the store is down)
-Later phases (inspect, respond, record) plug in here.
+4. inspect      what the headers decide (413, 415) at once; the body, when a rule needs it:
+                size, encoding, strict JSON, profile or schema, input types, images,
+                injection, PII -> 400/413/415/422 naming the field
+5. admit        every applicable quota has room -> else 429 (or 503 when the store is down)
+The respond phase (extproc.inspect.response) runs in the transport, which sees the response.
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ from typing import Protocol
 
 import orjson
 
+from extproc.audit import record
 from extproc.authn.base import Authenticator, AuthnFailure, Identity
 from extproc.authz.rules import first_failure
+from extproc.inspect.body import check_headers, content_encoding, decode_body, parse_json
+from extproc.inspect.profiles import input_types
+from extproc.inspect.request import inspect_request
+from extproc.inspect.violation import Violation
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import (
     Allow,
@@ -29,6 +37,7 @@ from extproc.pipeline.decision import (
     forbidden,
     internal_error,
     no_route,
+    refused_input,
     unauthenticated,
 )
 from extproc.policy.compiled import CompiledPolicy, PolicySet
@@ -40,6 +49,8 @@ from extproc.quota.usage import ensure_stream_usage
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-model-version"
+# Removed on the way up when the response is to be read: the model then answers uncompressed.
+ACCEPT_ENCODING = ("accept-encoding",)
 MAX_MODEL_NAME = 256
 
 
@@ -84,21 +95,99 @@ class DecisionCore:
         identity = await authenticate(authenticators, ctx.headers)
         if isinstance(identity, Deny):
             return identity
-        if route.owner is None:
+        policy = route.owner
+        if policy is None:
             return NeedBody(identity, route)
-        decision = authorize(route.owner, identity, ctx.headers)
-        if isinstance(decision, Deny) or not route.owner.quotas.active:
+        decision = authorize(policy, identity, ctx.headers)
+        if isinstance(decision, Deny):
             return decision
-        if route.owner.quotas.needs_body:
+        violation = check_headers(ctx.headers, policy.inspect.limits)
+        if violation is not None:
+            return refused_input(violation)
+        if policy.needs_body:
             return NeedBody(identity, route, allow=decision)
-        return await self._admit(route.owner, decision, ctx, None)
+        if not policy.quotas.active:
+            return decision
+        return await self._admit(policy, decision, ctx, None)
 
     async def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
-        if pending.allow is not None and pending.route.owner is not None:
-            return await self._admit(pending.route.owner, pending.allow, ctx, body)
+        """Inspect the body, then admit: a request refused for its content holds no quota."""
+        policy = pending.route.owner
+        allow = pending.allow
+        encoding = content_encoding(ctx.headers)
+        if policy is None or allow is None:
+            chosen = self._choose_by_body(ctx, pending, body, encoding)
+            if isinstance(chosen, Deny):
+                return chosen
+            policy, allow, body = chosen
+        plan = policy.inspect
+        decoded = decode_body(body, None if pending.route.owner is None else encoding, plan.limits)
+        if isinstance(decoded, Violation):
+            return refused_input(decoded)
+        doc: object = None
+        # A decoded body goes up as the gateway read it: never one it did not inspect.
+        new_body = None if encoding is None else decoded
+        # An empty body carries nothing to inspect (GET and the like); the model judges it.
+        inspects = plan.needs_body and bool(decoded)
+        if inspects or policy.typed_rules or policy.quotas.needs_body:
+            doc = parse_json(decoded or b"{}", plan.limits.max_depth)
+            if isinstance(doc, Violation):
+                return refused_input(doc)
+        types: frozenset[str] = frozenset()
+        if inspects:
+            inspected = inspect_request(plan, doc)
+            if isinstance(inspected, Violation):
+                return refused_input(inspected)
+            if inspected.notes:
+                record(ctx.decision_id, "inspect", inspected.notes)
+            types = inspected.input_types
+            if inspected.changed:
+                if not ctx.rewrites_body:
+                    return refused_input(Violation(
+                        400, "sensitive_data", "",
+                        "the request contains sensitive data that this gateway must mask; "
+                        "remove it and send the request again",
+                    ))  # fmt: skip
+                new_body = orjson.dumps(doc)
+            if inspected.flags:
+                allow = dataclasses.replace(allow, flags=inspected.flags)
+        elif policy.typed_rules and decoded:
+            types = frozenset(input_types(doc))
+        if policy.typed_rules:
+            failed = first_failure(policy.rules, allow.identity, allow.version, types)
+            if failed is not None:
+                return forbidden(f"rule {failed[0]!r} failed on {failed[1]}")
+        if new_body is not None:
+            allow = dataclasses.replace(allow, body=new_body)
+        if not policy.quotas.active:
+            return allow
+        return await self._admit(policy, allow, ctx, decoded, doc)
+
+    def _choose_by_body(
+        self, ctx: RequestContext, pending: NeedBody, body: bytes, encoding: str | None
+    ) -> tuple[CompiledPolicy, Allow, bytes] | Deny:
+        """On a shared path: the policy the body's `model` names, authorized for the caller."""
+        candidates = [p.inspect.limits for p in pending.route.by_model.values()]
+        # What no model here would take (its type, encoding, declared size) is refused as
+        # such, before the body is parsed for its model.
+        refusals = [check_headers(ctx.headers, limits) for limits in candidates]
+        if refusals and all(refusals):
+            return refused_input(refusals[0])  # type: ignore[arg-type]
+        if encoding is not None:
+            # The model is inside the body: decode under the strictest caps any candidate
+            # sets; the chosen policy then decides whether it takes this encoding at all.
+            caps = min(candidates, key=lambda c: c.max_decoded_bytes)
+            if not any(encoding in c.encodings for c in candidates):
+                return refused_input(unreadable_encoding())
+            decoded = decode_body(
+                body, encoding, dataclasses.replace(caps, encodings=frozenset({encoding}))
+            )
+            if isinstance(decoded, Violation):
+                return refused_input(decoded)
+            body = decoded
         doc = parse_json(body)
-        if isinstance(doc, Deny):
-            return doc
+        if isinstance(doc, Violation):
+            return refused_input(doc)
         model = body_model(doc)
         if isinstance(model, Deny):
             return model
@@ -113,9 +202,12 @@ class DecisionCore:
                 "method_not_accepted", "this credential is not accepted for this model"
             )
         decision = authorize(policy, pending.identity, ctx.headers)
-        if isinstance(decision, Deny) or not policy.quotas.active:
+        if isinstance(decision, Deny):
             return decision
-        return await self._admit(policy, decision, ctx, body, doc)
+        violation = check_headers(ctx.headers, policy.inspect.limits)
+        if violation is not None:
+            return refused_input(violation)
+        return policy, decision, body
 
     async def _admit(
         self,
@@ -127,13 +219,13 @@ class DecisionCore:
     ) -> Decision:
         plan = policy.quotas
         facts = None
-        new_body = None
+        new_body = allow.body
         strip_usage = False
         if plan.needs_body:
             if doc is None:
                 doc = parse_json(body or b"{}")
-                if isinstance(doc, Deny):
-                    return doc
+                if isinstance(doc, Violation):
+                    return refused_input(doc)
             facts = request_facts(doc, len(body or b""))
             if plan.settles and isinstance(doc, dict) and ensure_stream_usage(doc):
                 # The upstream reports streamed usage only when asked; the client did not
@@ -146,6 +238,10 @@ class DecisionCore:
             return outcome
         outcome.strip_usage = strip_usage
         return dataclasses.replace(allow, admission=outcome, body=new_body)
+
+
+def unreadable_encoding() -> Violation:
+    return Violation(415, "unsupported_content_encoding", "", "this encoding is not accepted")
 
 
 def method_not_allowed(methods: frozenset[str]) -> Deny:
@@ -184,14 +280,11 @@ def authorize(policy: CompiledPolicy, identity: Identity, headers: Mapping[str, 
     if failed is not None:
         rule, condition = failed
         return forbidden(f"rule {rule!r} failed on {condition}")
-    return Allow(identity, policy.model, policy.model, version, cluster, policy.credential_headers)
-
-
-def parse_json(body: bytes) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return bad_request("invalid_json", "the request body is not valid JSON", "invalid_json")
+    return Allow(
+        identity, policy.model, policy.model, version, cluster, policy.credential_headers,
+        strip_headers=ACCEPT_ENCODING if policy.output.transforms_body else (),
+        output=policy.output,
+    )  # fmt: skip
 
 
 def body_model(doc: object) -> str | Deny:

@@ -46,6 +46,7 @@ def template_key(allow: Allow) -> tuple[object, ...]:
     return (
         (who.principal, who.tenant, who.method, who.credential_header),
         (allow.policy, allow.model, allow.version, allow.cluster, allow.credential_headers),
+        allow.strip_headers,
     )
 
 
@@ -65,6 +66,7 @@ def allow_mutation(allow: Allow) -> HeaderMutation:
     remove.extend(h for h in allow.credential_headers if h not in remove)
     if allow.identity.credential_header not in remove:
         remove.append(allow.identity.credential_header)
+    remove.extend(h for h in allow.strip_headers if h not in remove)
     return HeaderMutation(set=tuple(values.items()), remove=tuple(remove))
 
 

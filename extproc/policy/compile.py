@@ -13,6 +13,7 @@ from extproc.authn.base import Authenticator
 from extproc.authn.jwks import HmacSecret, KeySource, RemoteJwks, StaticJwks
 from extproc.authn.jwt import JwtAuthenticator, JwtIssuer
 from extproc.authz.rules import compile_rule
+from extproc.inspect.plan import InspectCompileError, compile_input, compile_output
 from extproc.policy.compiled import CompiledPolicy, PolicySet, RouteEntry
 from extproc.policy.load import NO_PLATFORM, PlatformFile, PolicyError, PolicyFile, PolicyLoadError
 from extproc.policy.schema import ApiKeyMethod, JwtMethod, Policy
@@ -119,6 +120,11 @@ def compile_policy(
         allow_any_authenticated=policy.authorization.allow_any_authenticated,
         credential_headers=("authorization", *sorted(key_headers)),
         quotas=compile_quotas(policy.model, platform.platform.quotas.apply(policy.quotas)),
+        inspect=compile_input(
+            policy.input, pf.path.parent, res.environ, "input" in policy.model_fields_set
+        ),
+        output=compile_output(policy.output, res.environ),
+        typed_rules=any(r.input_types is not None for r in policy.authorization.rules),
     )
 
 
@@ -208,7 +214,7 @@ def compile_policy_set(
     for pf in files:
         try:
             compiled.append(compile_policy(pf, res, platform))
-        except QuotaCompileError as exc:
+        except (QuotaCompileError, InspectCompileError) as exc:
             errors.append(PolicyError(str(pf.path), exc.field, str(exc)))
         except ValueError as exc:
             errors.append(PolicyError(str(pf.path), "authentication", str(exc)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from extproc.authn.base import Authenticator, Identity
 from extproc.authz.rules import CompiledRule
+from extproc.inspect.plan import NO_INPUT, NO_OUTPUT, InputPlan, OutputPlan
 from extproc.quota.plan import NO_QUOTAS, QuotaPlan
 
 
@@ -26,6 +27,19 @@ class CompiledPolicy:
     # only the one that authenticated, so a second credential never leaks to the model.
     credential_headers: tuple[str, ...] = ("authorization",)
     quotas: QuotaPlan = NO_QUOTAS
+    inspect: InputPlan = NO_INPUT
+    output: OutputPlan = NO_OUTPUT
+    # Some rule applies only to certain input types: decided once the body is read.
+    typed_rules: bool = False
+
+    @property
+    def needs_body(self) -> bool:
+        return self.inspect.needs_body or self.quotas.needs_body or self.typed_rules
+
+    @property
+    def watches_response(self) -> bool:
+        """Envoy must show us the response: for quotas, or for the output rules."""
+        return self.quotas.watches_response or self.output.watches_response
 
     def accepts(self, identity: Identity) -> bool:
         """Whether this policy accepts the method (and JWT issuer) that produced `identity`."""
@@ -51,10 +65,10 @@ class RouteEntry:
 
     @property
     def watches_response(self) -> bool:
-        """Some model here has quotas that Envoy must show us the response for."""
+        """Some model here has quotas or output rules that need the response."""
         if self.owner is not None:
-            return self.owner.quotas.watches_response
-        return any(p.quotas.watches_response for p in self.by_model.values())
+            return self.owner.watches_response
+        return any(p.watches_response for p in self.by_model.values())
 
     def matches(self, host: str, path: str) -> bool:
         if self.host is not None and self.host != host:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
 
+from extproc.inspect.schema import Input, InputType, Output
 from extproc.quota.schema import PlatformQuotas, Quotas
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -143,6 +144,11 @@ class Rule(Strict):
         default=None,
         description="Each claim must equal the value, or be one of the listed values.",
     )
+    input_types: list[InputType] | None = Field(
+        default=None,
+        description="Apply only to requests that carry one of these input types (checked "
+        "once the body is read), e.g. only some callers may send images.",
+    )
 
     @model_validator(mode="after")
     def _has_condition(self) -> Rule:
@@ -152,7 +158,7 @@ class Rule(Strict):
         )  # fmt: skip
         if all(c is None for c in conditions):
             raise ValueError(f"rule {self.name!r} has no condition; it would allow everyone")
-        if any(c is not None and len(c) == 0 for c in conditions):
+        if any(c is not None and len(c) == 0 for c in (*conditions, self.input_types)):
             raise ValueError(f"rule {self.name!r} has an empty list, which no caller can satisfy")
         return self
 
@@ -188,6 +194,8 @@ class Policy(Strict):
     authentication: list[AuthMethod] = Field(min_length=1)
     authorization: Authorization
     quotas: Quotas = Field(default_factory=Quotas, description="How much callers may use.")
+    input: Input = Field(default_factory=Input, description="What the model may receive.")
+    output: Output = Field(default_factory=Output, description="What may leave the model.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

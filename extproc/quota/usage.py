@@ -9,21 +9,14 @@ it asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import orjson
 
 from extproc.quota.cost import usage_facts
+from extproc.sse import CARRY, event_data, event_ends
 
 MAX_EVENT_BYTES = 1 << 20
-_DATA = b"data:"
 _DONE = b"[DONE]"
 _USAGE_KEY = b'"usage"'
-# A blank line ends an SSE event: "\n\n", or "\n\r\n" (which also covers "\r\n\r\n"). Lines
-# ended by a lone "\r" are not recognised: such a stream passes through unparsed.
-_SEPARATORS = (b"\n\n", b"\n\r\n")
-# A separator is at most 3 bytes, so one may begin in the last 2 bytes already seen.
-_CARRY = 2
 
 
 def usage_from_json(body: bytes) -> dict[str, int] | None:
@@ -102,7 +95,7 @@ class SseUsageTracker:
         buffer += chunk
         forward = bytearray()
         start = 0
-        for end in _event_ends(buffer, self._scan_from):
+        for end in event_ends(buffer, self._scan_from):
             event = bytes(buffer[start:end])
             if self._oversize or len(event) > self._max_event_bytes:
                 self._oversize = False
@@ -111,7 +104,7 @@ class SseUsageTracker:
                 forward += event
             start = end
         del buffer[:start]
-        self._scan_from = max(len(buffer) - _CARRY, 0)
+        self._scan_from = max(len(buffer) - CARRY, 0)
         if self._oversize or len(buffer) > self._max_event_bytes:
             # Too long to hold or parse: let it through, keeping only what may start a separator.
             self._oversize = True
@@ -124,7 +117,7 @@ class SseUsageTracker:
         """Record the usage an event carries; True when the event is to be stripped."""
         if _USAGE_KEY not in event:
             return False  # most events: skip splitting them into lines
-        data = _event_data(event)
+        data = event_data(event)
         if data is None or data == _DONE or not _may_carry_usage(data):
             return False
         try:
@@ -138,32 +131,6 @@ class SseUsageTracker:
             return False
         self._usage = usage_facts(usage)
         return self._strip and doc.get("choices") == []
-
-
-def _event_ends(buffer: bytearray, scan_from: int) -> Iterator[int]:
-    """The index just past each event separator in `buffer` from `scan_from` on, in order."""
-    found = [buffer.find(sep, scan_from) for sep in _SEPARATORS]
-    while ends := [at + len(sep) for at, sep in zip(found, _SEPARATORS, strict=True) if at >= 0]:
-        end = min(ends)
-        yield end
-        # Searches resume past the event just ended, and one that found nothing stays so: each
-        # byte is searched once per separator, however many events a chunk holds.
-        found = [
-            buffer.find(sep, end) if 0 <= at < end else at
-            for at, sep in zip(found, _SEPARATORS, strict=True)
-        ]
-
-
-def _event_data(event: bytes) -> bytes | None:
-    """The event's data: its `data:` lines joined by "\n", or None when it has none."""
-    # Split at LF only, like the event separators: a lone CR is not taken for a line end.
-    lines = [line.removesuffix(b"\r") for line in event.split(b"\n")]
-    lines = [
-        line[6:] if line.startswith(b"data: ") else line[5:]
-        for line in lines
-        if line.startswith(_DATA)
-    ]
-    return b"\n".join(lines) if lines else None
 
 
 def _may_carry_usage(data: bytes) -> bool:

@@ -214,8 +214,12 @@ def test_unknown_model_in_body_and_unowned_path(gw: Gateway) -> None:
     assert_denied(gw, r, 404, "model_not_found")
     r = gw.client.post("/v1/embeddings", json=chat_body(), headers=bearer(gw.chat_key))
     assert_denied(gw, r, 404, "not_found")
-    r = gw.client.post(CHAT, content=b"{not json", headers=bearer(gw.chat_key))
+    json_type = {"content-type": "application/json"}
+    r = gw.client.post(CHAT, content=b"{not json", headers={**bearer(gw.chat_key), **json_type})
     assert_denied(gw, r, 400, "invalid_json")
+    # Without a media type the chat model takes, the body is not even parsed.
+    r = gw.client.post(CHAT, content=b"{not json", headers=bearer(gw.chat_key))
+    assert_denied(gw, r, 415, "unsupported_media_type")
 
 
 def test_spoofed_identity_headers_are_replaced(gw: Gateway) -> None:

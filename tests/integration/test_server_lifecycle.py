@@ -218,7 +218,8 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
                 method="POST",
                 path="/v1/chat/completions",
                 headers={"authorization": f"Bearer {gw.beta_key}", "x-model-version": "v2"},
-                body=b'{"model": "demo-chat-latest", "messages": []}',
+                body=b'{"model": "demo-chat-latest", '
+                b'"messages": [{"role": "user", "content": "hi"}]}',
             ),
             timeout=5,
         )

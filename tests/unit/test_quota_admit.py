@@ -30,6 +30,8 @@ routes: [{path_prefix: /v1/chat/completions, methods: [POST]}]
 versions: [{name: v1, cluster: chat-v1, default: true}, {name: v2, cluster: chat-v2}]
 authentication: [{api_key: {header: x-api-key}}]
 authorization: {allow_any_authenticated: true}
+# Request quotas alone: nothing here needs the response (error sanitising would).
+output: {sanitize_errors: false}
 quotas:
   class_claim: tier
   rules:
@@ -300,8 +302,8 @@ async def test_request_quotas_ride_on_metadata_without_a_response_message(env: E
     )
     assert not message.HasField("mode_override")  # Envoy is not asked for the response
     fields = message.dynamic_metadata.fields
-    assert set(fields) == {ext_proc.METADATA_NAMESPACE, ext_proc.RATELIMIT_NAMESPACE}
-    ratelimit = dict(fields[ext_proc.RATELIMIT_NAMESPACE].struct_value)
+    assert set(fields) == {ext_proc.METADATA_NAMESPACE, ext_proc.RESPONSE_HEADERS_NAMESPACE}
+    ratelimit = dict(fields[ext_proc.RESPONSE_HEADERS_NAMESPACE].struct_value)
     assert ratelimit == dict(allow.admission.headers)
     decision = fields[ext_proc.METADATA_NAMESPACE].struct_value
     assert decision["decision_id"] == "d" * len(ext_proc.DECISION_ID_SLOT)
