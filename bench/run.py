@@ -63,6 +63,11 @@ QUOTA_POLICY_TEMPLATES = {
     "quota": BENCH_DIR / "policies" / "bench-quota.yaml",
     "quota_leased": BENCH_DIR / "policies" / "bench-quota-leased.yaml",
 }
+# Decision servers with body inspection (request) or streamed-response redaction (response).
+BODY_POLICY_TEMPLATES = {
+    "inspect": BENCH_DIR / "policies" / "bench-inspect.yaml",
+    "respond": BENCH_DIR / "policies" / "bench-respond.yaml",
+}
 
 REQUEST_PATH = "/v2/models/bench/infer"
 # The cluster bench/policies/bench.yaml names. The pipeline's Envoy answers 200 only when the
@@ -78,7 +83,7 @@ STOP_TIMEOUT_S = 10.0
 PROBE_RETRYABLE = frozenset({500, 502, 503, 504})  # the decision server is not reachable yet
 
 Api = Literal["ext_proc", "ext_authz"]
-ServerKind = Literal["empty", "pipeline", "quota", "quota_leased"]
+ServerKind = Literal["empty", "pipeline", "quota", "quota_leased", "inspect", "respond"]
 
 
 class BenchError(RuntimeError):
@@ -89,14 +94,85 @@ class BenchError(RuntimeError):
 # Configurations
 
 
+# A benign OpenAI chat conversation; one email address in it, so input.pii masks something.
+_CHAT_SENTENCES = (
+    "Could you help me plan a short walking tour of the old town this weekend?",
+    "I would like to see the cathedral, the river front and a quiet place for lunch.",
+    "The weather looks mild, so we will probably walk most of the way.",
+    "My friends prefer small museums over large ones, and we all like good coffee.",
+    "Please keep the route easy, since one of us is recovering from a sprained ankle.",
+    "We are also curious about the history of the market square and its fountain.",
+)
+
+
+def chat_body(target_bytes: int) -> bytes:
+    """A ~target_bytes OpenAI chat request: system, then user / assistant turns of plain text;
+    the first user turn carries one email address (masked by bench-inspect.yaml)."""
+    per_message = max(200, min(2000, target_bytes // 6))  # <= 256 messages for 200 KB
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a helpful and concise travel assistant."}
+    ]
+    size = 0
+    turn = 0
+    while True:
+        text = ""
+        while len(text) < per_message:
+            text += _CHAT_SENTENCES[(turn + len(text)) % len(_CHAT_SENTENCES)] + " "
+        if turn == 0:
+            text += "You can send the plan to jane.doe@example.com when it is ready."
+        messages.append({"role": "user" if turn % 2 == 0 else "assistant", "content": text})
+        size += len(text) + 40
+        turn += 1
+        if size >= target_bytes - 100:
+            break
+    doc = {"model": "bench", "messages": messages, "max_tokens": 256}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+SSE_EMAIL = "jane.doe@example.com"
+SSE_MASK = "[EMAIL]"
+
+
+def sse_body() -> str:
+    """~30 chat.completion.chunk events, an email split across two of them, then [DONE]."""
+    words = (
+        "Sure, here is the plan for your walk: start at the cathedral, follow the river "
+        "front to the market square, stop for lunch by the fountain, and finish at the "
+        "small museum near the old bridge. If anything changes, write to "
+    ).split(" ")
+    pieces = [" ".join(words[i : i + 2]) + " " for i in range(0, len(words), 2)]
+    pieces += ["jane.doe@exa", "mple.com and", " I will update", " the route."]
+    events = []
+    for i, piece in enumerate(pieces):
+        chunk = {
+            "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "bench",
+            "choices": [{"index": 0, "delta": {"content": piece},
+                         "finish_reason": "stop" if i == len(pieces) - 1 else None}],
+        }  # fmt: skip
+        events.append(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n")
+    return "".join(events) + "data: [DONE]\n\n"
+
+
 @dataclass(frozen=True)
 class Configuration:
     name: str
     api: Api | None
     server: ServerKind | None
     description: str
+    # The request every window sends (defaults: the headers-only GET of the first configs).
+    method: str = "GET"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    # What the routed direct_response answers, and its Content-Type (None: Envoy's default).
+    answer: str = "ok\n"
+    answer_type: str | None = None
+    # The probe's answer must contain `expect` and must not contain `forbid` (redaction).
+    expect: str | None = None
+    forbid: str | None = None
 
 
+_JSON = (("content-type", "application/json"),)
 CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("envoy_alone", None, None, "Envoy direct_response, no external filter"),
     Configuration("ext_proc_empty", "ext_proc", "empty", "ext_proc -> empty server"),
@@ -109,6 +185,34 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "ext_proc",
         "quota_leased",
         "ext_proc -> decision server + valkey quotas with local leases",
+    ),
+    Configuration(
+        "ext_proc_inspect_2k",
+        "ext_proc",
+        "inspect",
+        "ext_proc -> decision server + input inspection, 2 KB chat body",
+        method="POST",
+        body=chat_body(2 * 1024),
+        headers=_JSON,
+    ),
+    Configuration(
+        "ext_proc_inspect_200k",
+        "ext_proc",
+        "inspect",
+        "ext_proc -> decision server + input inspection, 200 KB chat body",
+        method="POST",
+        body=chat_body(200 * 1024),
+        headers=_JSON,
+    ),
+    Configuration(
+        "ext_proc_respond_sse",
+        "ext_proc",
+        "respond",
+        "ext_proc -> decision server + SSE response redaction (~30 events)",
+        answer=sse_body(),
+        answer_type="text/event-stream",
+        expect=SSE_MASK,
+        forbid=SSE_EMAIL,
     ),
     Configuration("ext_authz_empty", "ext_authz", "empty", "ext_authz -> empty server"),
     Configuration("ext_authz_pipeline", "ext_authz", "pipeline", "ext_authz -> decision server"),
@@ -221,20 +325,26 @@ def _direct(status: int, body: str) -> dict[str, Any]:
 
 
 def _routes(config: Configuration) -> list[dict[str, Any]]:
-    if config.server not in ("pipeline", *QUOTA_POLICY_TEMPLATES):
+    if config.server not in ("pipeline", *QUOTA_POLICY_TEMPLATES, *BODY_POLICY_TEMPLATES):
         return [{"match": {"prefix": "/"}, "direct_response": _direct(200, "ok\n")}]
     # The decision server sets x-gateway-cluster and clears the route cache, exactly as in
     # production; only the route it then matches answers directly instead of proxying.
-    return [
-        {
-            "match": {
-                "prefix": "/",
-                "headers": [
-                    {"name": "x-gateway-cluster", "string_match": {"exact": ROUTED_CLUSTER}}
-                ],
-            },
-            "direct_response": _direct(200, "ok\n"),
+    routed: dict[str, Any] = {
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": "x-gateway-cluster", "string_match": {"exact": ROUTED_CLUSTER}}],
         },
+        "direct_response": _direct(200, config.answer),
+    }
+    if config.answer_type is not None:
+        routed["response_headers_to_add"] = [
+            {
+                "header": {"key": "content-type", "value": config.answer_type},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ]
+    return [
+        routed,
         {
             "match": {"prefix": "/"},
             "direct_response": _direct(
@@ -330,6 +440,12 @@ def envoy_config(config: Configuration, listen_port: int, decision_port: int | N
         "route_config": {
             "name": "bench",
             "virtual_hosts": [_virtual_host(config)],
+            # Envoy's default cap is 4 KiB; the SSE answer is a little larger.
+            **(
+                {"max_direct_response_body_size_bytes": 65536}
+                if len(config.answer.encode()) > 4096
+                else {}
+            ),
         },
         "http_filters": filters,
     }
@@ -558,7 +674,9 @@ def start_envoy(
 
 
 def probe(gateway: Gateway, headers: dict[str, str], timeout: float = STARTUP_TIMEOUT_S) -> None:
-    """One request through the gateway must get 200; a definite refusal fails at once."""
+    """One request through the gateway must get 200; a definite refusal fails at once. A
+    configuration with `expect` / `forbid` must also show that in the answer (redaction)."""
+    config = gateway.config
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -566,13 +684,23 @@ def probe(gateway: Gateway, headers: dict[str, str], timeout: float = STARTUP_TI
             raise BenchError(f"Envoy for {gateway.config.name} exited:\n{gateway.envoy.tail()}")
         conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=2)
         try:
-            conn.request("GET", REQUEST_PATH, headers=headers)
+            conn.request(
+                config.method,
+                REQUEST_PATH,
+                body=config.body or None,
+                headers={**headers, **dict(config.headers)},
+            )
             response = conn.getresponse()
-            body = response.read(500).decode(errors="replace").strip()
+            full = response.read().decode(errors="replace")
+            body = full[:500].strip()
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
             if response.status == 200:
+                if config.expect is not None and config.expect not in full:
+                    raise BenchError(f"{config.name}: {config.expect!r} not in the answer:\n{full}")
+                if config.forbid is not None and config.forbid in full:
+                    raise BenchError(f"{config.name}: {config.forbid!r} in the answer:\n{full}")
                 return
             last = f"HTTP {response.status}: {body}"
             if response.status not in PROBE_RETRYABLE:
@@ -638,11 +766,14 @@ def measure(
     for child in (gateway.envoy, *([gateway.server.child] if gateway.server else [])):
         if not child.alive():
             raise BenchError(f"{child.name} exited during the benchmark:\n{child.tail()}")
+    config = gateway.config
     result = run_load(
         binary,
         port=gateway.port,
         path=REQUEST_PATH,
-        headers=list(headers.items()),
+        method=config.method,
+        headers=[*headers.items(), *config.headers],
+        body=config.body,
         connections=connections,
         duration=duration,
         warmup=warmup,
@@ -839,6 +970,18 @@ def print_report(summaries: list[Summary], checks: list[TargetCheck], options: O
             f"ext_proc with {label} / without: {ratio:.3f} (per round {per_round}; "
             f"median rounds {quota.median.rps:.0f} vs {pipeline.median.rps:.0f} rps)"
         )
+    empty = by_name.get("ext_proc_empty")
+    for name in ("ext_proc_inspect_2k", "ext_proc_inspect_200k", "ext_proc_respond_sse"):
+        body = by_name.get(name)
+        if body is None:
+            continue
+        parts = []
+        for base in (empty, pipeline):
+            if base is not None:
+                ratio, _ = paired_ratio(body.rounds, base.rounds)
+                parts.append(f"/ {base.name}: {ratio:.3f}")
+        if parts:
+            print(f"{name} {'; '.join(parts)} (median rounds {body.median.rps:.0f} rps)")
     bad = [s for s in summaries if s.not_ok]
     if bad:
         print()
@@ -898,11 +1041,13 @@ def write_results(
             "decision_server_workers": options.workers,
             "envoy_concurrency": options.envoy_concurrency,
             "quick": options.quick,
-            "request": f"GET {REQUEST_PATH} with the same ES256 JWT every time",
+            "request": f"GET {REQUEST_PATH} with the same ES256 JWT every time (the inspect "
+            "configurations POST a JSON chat body)",
         },
         "configurations": {
             s.name: {
                 "description": s.description,
+                "request": f"{BY_NAME[s.name].method} {len(BY_NAME[s.name].body)} body bytes",
                 "rps": s.median.rps,
                 "ratio_to_envoy_alone": s.ratio_to_envoy_alone,
                 "p50_ms": s.median.p50_ms,
@@ -947,7 +1092,7 @@ def prepare_run_dir() -> Path:
     policy_dir = RUN_DIR / "policies"
     policy_dir.mkdir()
     shutil.copyfile(POLICY_TEMPLATE, policy_dir / POLICY_TEMPLATE.name)
-    for kind, template in QUOTA_POLICY_TEMPLATES.items():
+    for kind, template in (*QUOTA_POLICY_TEMPLATES.items(), *BODY_POLICY_TEMPLATES.items()):
         quota_dir = RUN_DIR / f"policies-{kind}"
         quota_dir.mkdir()
         shutil.copyfile(template, quota_dir / POLICY_TEMPLATE.name)
@@ -991,6 +1136,11 @@ def run(options: Options) -> int:
             servers["empty"] = start_server(children, "empty", options.workers, policy_dir)
         if any(c.server == "pipeline" for c in options.configurations):
             servers["pipeline"] = start_server(children, "pipeline", options.workers, policy_dir)
+        body_kinds: list[ServerKind] = [k for k in ("inspect", "respond") if k in wanted]
+        for kind in body_kinds:
+            servers[kind] = start_server(
+                children, kind, options.workers, RUN_DIR / f"policies-{kind}"
+            )
         quota_kinds: list[ServerKind] = [k for k in ("quota", "quota_leased") if k in wanted]
         if quota_kinds:
             # One valkey-server for both: only one configuration runs at a time, so its CPU
@@ -1016,6 +1166,8 @@ def run(options: Options) -> int:
     print_report(summaries, checks, options)
     write_results(summaries, checks, options, machine)
     print(f"\nwrote {RESULTS_FILE.relative_to(REPO)} ({time.monotonic() - started:.0f} s)")
+    print("in-process inspection / SSE redaction costs (no Envoy): .venv/bin/python "
+          "bench/inspect_micro.py")
     return 1 if any(s.not_ok for s in summaries) else 0
 
 

@@ -13,7 +13,6 @@ At the response headers the request decides, once, how to read the body:
 
 from __future__ import annotations
 
-import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -31,6 +30,7 @@ from extproc.inspect.response import (
     error_event,
     transform_json,
 )
+from extproc.pipeline.decision import Deny
 from extproc.pipeline.upstream import DECISION_ID
 from extproc.quota.admit import Admission
 from extproc.quota.usage import SseUsageTracker, usage_from_json
@@ -65,7 +65,8 @@ def header(name: str, value: str) -> HeaderValueOption:
 
 
 def error_json(code: str, message: str, decision_id: str) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message, "decision_id": decision_id}})
+    # The same JSON error shape as every denial.
+    return Deny(502, code, message, "internal").json_body(decision_id)
 
 
 def sanitised_error(decision_id: str) -> bytes:
@@ -212,7 +213,7 @@ class ResponseFlow:
         if self.buffered:
             return error_json("response_blocked", BLOCKED_MESSAGE, self._decision_id)
         if self._kind == "sse":
-            return error_event("response_blocked", BLOCKED_MESSAGE, self._decision_id)
+            return error_event(error_json("response_blocked", BLOCKED_MESSAGE, self._decision_id))
         return b""
 
 

@@ -350,7 +350,7 @@ def _with_data(event: bytes, data: bytes) -> bytes:
     return b"".join(line + b"\n" for line in kept) + b"data: " + data + b"\n\n"
 
 
-def error_event(code: str, message: str, decision_id: str) -> bytes:
-    body = {"error": {"code": code, "message": message, "decision_id": decision_id}}
-    # OpenAI's own shape for an error inside a stream, which its SDKs raise as an APIError.
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+def error_event(error_json: bytes) -> bytes:
+    """A final event carrying a JSON error: OpenAI's own shape for an error inside a stream,
+    which its SDKs raise as an APIError."""
+    return b"data: " + error_json + b"\n\n"

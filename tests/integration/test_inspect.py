@@ -41,11 +41,23 @@ LAB_POLICY: dict[str, Any] = {
 }
 
 
+# No body rules and no response rules: Envoy should send only the request headers.
+LEAN_POLICY: dict[str, Any] = {
+    "model": "lean",
+    "routes": [{"path_prefix": "/v1/lean", "methods": ["POST"]}],
+    "versions": [{"name": "v1", "cluster": "demo-chat-v1", "default": True}],
+    "authentication": [{"api_key": {"header": "x-api-key"}}],
+    "authorization": {"allow_any_authenticated": True},
+    "output": {"sanitize_errors": False},
+}
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("inspect")
     stack = make_stack(root, mode="ext_proc", workers=1)
     (root / "policies" / "lab-chat.yaml").write_text(yaml.safe_dump(LAB_POLICY))
+    (root / "policies" / "lean.yaml").write_text(yaml.safe_dump(LEAN_POLICY))
     gw = Gateway(stack)
     try:
         with stack:
@@ -365,3 +377,35 @@ def test_partial_masks_and_stripped_fields(gw: Gateway) -> None:
     assert content.startswith("mail a") and "@example.com" in content
     assert "alice.smith" not in content
     assert "system_fingerprint" not in response.json()
+
+
+# -------------------------------------------------------------------------------- phases
+
+
+def _messages(gw: Gateway) -> tuple[int, int]:
+    """Envoy's own count of ext_proc messages sent and streams started, from its admin API."""
+    stats = gw.pods.get(f"http://127.0.0.1:{gw.stack.admin_port}/stats?filter=ext_proc").text
+    values = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
+    sent = sum(int(v) for k, v in values.items() if k.endswith("ext_proc.stream_msgs_sent"))
+    started = sum(int(v) for k, v in values.items() if k.endswith("ext_proc.streams_started"))
+    return sent, started
+
+
+@pytest.mark.parametrize(
+    ("path", "doc", "expected"),
+    [
+        # request headers only: no body rules, no response rules
+        ("/v1/lean", chat("hello"), 1),
+        # + the body (input rules) + the response headers and body (redaction)
+        (CHAT, chat("hello"), 4),
+    ],
+)
+def test_envoy_sends_only_the_phases_a_route_needs(
+    gw: Gateway, path: str, doc: dict[str, Any], expected: int
+) -> None:
+    before, started_before = _messages(gw)
+    for _ in range(5):
+        gw.client.post(path, json=doc, headers={"x-api-key": gw.chat_key})
+    after, started_after = _messages(gw)
+    assert started_after - started_before == 5
+    assert after - before == 5 * expected
