@@ -45,6 +45,8 @@ run: proto
 
 bench: proto
 	$(PY) bench/run.py
+	# In-process costs per operation: inspecting 2 KB / 200 KB bodies, redacting SSE chunks.
+	$(PY) bench/inspect_micro.py
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) .run .mypy_cache .ruff_cache .pytest_cache

@@ -135,12 +135,12 @@ SSE_MASK = "[EMAIL]"
 
 def sse_body() -> str:
     """~30 chat.completion.chunk events, an email split across two of them, then [DONE]."""
-    words = (
+    text = (
         "Sure, here is the plan for your walk: start at the cathedral, follow the river "
         "front to the market square, stop for lunch by the fountain, and finish at the "
         "small museum near the old bridge. If anything changes, write to "
-    ).split(" ")
-    pieces = [" ".join(words[i : i + 2]) + " " for i in range(0, len(words), 2)]
+    )
+    pieces = [text[i : i + 9] for i in range(0, len(text), 9)]
     pieces += ["jane.doe@exa", "mple.com and", " I will update", " the route."]
     events = []
     for i, piece in enumerate(pieces):
@@ -1166,8 +1166,10 @@ def run(options: Options) -> int:
     print_report(summaries, checks, options)
     write_results(summaries, checks, options, machine)
     print(f"\nwrote {RESULTS_FILE.relative_to(REPO)} ({time.monotonic() - started:.0f} s)")
-    print("in-process inspection / SSE redaction costs (no Envoy): .venv/bin/python "
-          "bench/inspect_micro.py")
+    print(
+        "in-process inspection / SSE redaction costs (no Envoy): .venv/bin/python "
+        "bench/inspect_micro.py"
+    )
     return 1 if any(s.not_ok for s in summaries) else 0
 
 
