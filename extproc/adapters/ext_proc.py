@@ -39,6 +39,7 @@ from extproc.adapters.ext_proc_response import (
     ResponseFlow,
     header,
     headers_of,
+    modes,
     on_response_headers,
 )
 from extproc.pipeline.context import RequestContext
@@ -54,32 +55,16 @@ FLAGS_HEADER = "x-gateway-flags"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def _modes(
-    request_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
-    response_headers: bool = False,
-    response_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
-) -> ProcessingMode:
-    # An override must restate every mode: DEFAULT would mean "send" for header phases.
-    return ProcessingMode(
-        request_header_mode=ProcessingMode.SEND,
-        response_header_mode=ProcessingMode.SEND if response_headers else ProcessingMode.SKIP,
-        request_body_mode=request_body,
-        response_body_mode=response_body,
-        request_trailer_mode=ProcessingMode.SKIP,
-        response_trailer_mode=ProcessingMode.SKIP,
-    )
-
-
 # mode_override is only honoured on header responses: a request that may be admitted at its
 # body must ask for the response headers already here.
 _SEND_BODY = {
     watch: pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(),
-        mode_override=_modes(ProcessingMode.BUFFERED, response_headers=watch),
+        mode_override=modes(ProcessingMode.BUFFERED, response_headers=watch),
     )
     for watch in (False, True)
 }
-_WATCH_RESPONSE = _modes(response_headers=True)
+_WATCH_RESPONSE = modes(response_headers=True)
 _PASS_THROUGH = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),

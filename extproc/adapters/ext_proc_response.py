@@ -43,19 +43,24 @@ AUDITED_ERROR_BYTES = 2048
 BLOCKED_MESSAGE = "the response was withheld by policy"
 
 
-def _modes(response_body: ProcessingMode.BodySendMode.ValueType) -> ProcessingMode:
+def modes(
+    request_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
+    response_headers: bool = False,
+    response_body: ProcessingMode.BodySendMode.ValueType = ProcessingMode.NONE,
+) -> ProcessingMode:
+    # An override must restate every mode: DEFAULT would mean "send" for header phases.
     return ProcessingMode(
         request_header_mode=ProcessingMode.SEND,
-        response_header_mode=ProcessingMode.SEND,
-        request_body_mode=ProcessingMode.NONE,
+        response_header_mode=ProcessingMode.SEND if response_headers else ProcessingMode.SKIP,
+        request_body_mode=request_body,
         response_body_mode=response_body,
         request_trailer_mode=ProcessingMode.SKIP,
         response_trailer_mode=ProcessingMode.SKIP,
     )
 
 
-_STREAMED = _modes(ProcessingMode.STREAMED)
-_BUFFERED = _modes(ProcessingMode.BUFFERED)
+_STREAMED = modes(response_headers=True, response_body=ProcessingMode.STREAMED)
+_BUFFERED = modes(response_headers=True, response_body=ProcessingMode.BUFFERED)
 
 
 def header(name: str, value: str) -> HeaderValueOption:

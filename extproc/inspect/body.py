@@ -22,7 +22,6 @@ import orjson
 
 from extproc.inspect.violation import Violation, quoted
 
-JSON_MEDIA_TYPES = frozenset({"application/json"})
 # zlib's wbits for "gzip wrapper only" (not zlib's own, not raw deflate).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from extproc.inspect.extraction import ExtractionRules, parse_path
 from extproc.inspect.images import ImageRules
 from extproc.inspect.injection import InjectionDetector, load_detector
 from extproc.inspect.json_schema import BodySchema
-from extproc.inspect.mask import Masker
+from extproc.inspect.mask import MIN_KEY_BYTES, Masker
 from extproc.inspect.pii import PiiScanner, scanner_for
 from extproc.inspect.profiles import (
     ChatLimits,
@@ -30,7 +30,6 @@ from extproc.inspect.profiles import (
 )
 from extproc.inspect.schema import Extraction, Input, Masking, Output, Sensitive
 
-MIN_HASH_KEY_BYTES = 16
 MAX_SCHEMA_FILE_BYTES = 1024 * 1024
 
 
@@ -101,11 +100,11 @@ def _masker(spec: Masking, environ: Mapping[str, str], where: str) -> Masker:
     key: bytes | None = None
     if spec.hash_key_env is not None:
         key = environ.get(spec.hash_key_env, "").encode()
-        if len(key) < MIN_HASH_KEY_BYTES:
+        if len(key) < MIN_KEY_BYTES:
             raise InspectCompileError(
                 f"{where}.hash_key_env",
                 f"environment variable {spec.hash_key_env} must hold at least "
-                f"{MIN_HASH_KEY_BYTES} bytes",
+                f"{MIN_KEY_BYTES} bytes",
             )
     return Masker(spec.style, key)
 
@@ -168,8 +167,17 @@ def compile_input(
         pii = _pii(spec.pii, environ, "input.pii")
     images = spec.images
     chat = spec.chat
+    needs_body = explicit and (
+        "json_limits" in spec.model_fields_set
+        or bool(spec.encodings)
+        or any(
+            x is not None
+            for x in (spec.profile, spec.json_schema, spec.input_types, spec.injection, spec.pii)
+        )
+    )
     plan = InputPlan(
         limits=limits,
+        needs_body=needs_body,
         profile=spec.profile,
         chat=ChatLimits(
             max_messages=chat.max_messages,
@@ -204,15 +212,7 @@ def compile_input(
         injection=injection,
         pii=pii,
     )
-    needs_body = explicit and (
-        "json_limits" in spec.model_fields_set
-        or bool(spec.encodings)
-        or any(
-            x is not None
-            for x in (spec.profile, spec.json_schema, spec.input_types, injection, pii)
-        )
-    )
-    return replace(plan, needs_body=needs_body)
+    return plan
 
 
 def compile_output(spec: Output, environ: Mapping[str, str]) -> OutputPlan:

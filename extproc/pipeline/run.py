@@ -171,8 +171,9 @@ class DecisionCore:
         # What no model here would take (its type, encoding, declared size) is refused as
         # such, before the body is parsed for its model.
         refusals = [check_headers(ctx.headers, limits) for limits in candidates]
-        if refusals and all(refusals):
-            return refused_input(refusals[0])  # type: ignore[arg-type]
+        first = refusals[0] if refusals else None
+        if first is not None and all(refusals):
+            return refused_input(first)
         if encoding is not None:
             # The model is inside the body: decode under the strictest caps any candidate
             # sets; the chosen policy then decides whether it takes this encoding at all.

@@ -116,11 +116,17 @@ def test_tool_call_arguments_are_redacted_across_events() -> None:
 
 
 def test_blocked_type_raises_before_anything_of_it_leaves() -> None:
+    # The key streams 4 characters per event: no event carrying a piece of it may leave
+    # before the transformer refuses the stream.
+    raw = stream_of("safe text " * 30 + f"then the key {KEY} and the end")
     transformer = SseTransformer(plan())
-    out = transformer.feed(stream_of("safe text here ")[:-30], False)
+    out = b""
     with pytest.raises(Blocked):
-        transformer.feed(stream_of(f"key {KEY} end")[:-15], True)
-    assert KEY[:8] not in out.decode()
+        for i in range(0, len(raw), 50):
+            out += transformer.feed(raw[i : i + 50], i + 50 >= len(raw))
+    assert "safe text" in read_stream(out)[0]  # what came before did leave
+    for piece in (KEY[:4], KEY[4:8], KEY[8:12], KEY[12:16], KEY[16:]):
+        assert piece not in out.decode()
 
 
 def test_other_events_are_redacted_alone_and_kept_whole() -> None:
