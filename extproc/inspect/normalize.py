@@ -11,9 +11,11 @@ entities, rot13, reversed text, leetspeak, ASCII smuggled in tag characters or v
 selectors) and returns them decoded, for the detector to normalise and scan too.
 
 Cost: each step is one pass of a C-implemented primitive (unicodedata, str.translate, str
-methods, regular expressions that never back off more than a few characters), so time is
-linear in the input: normalize takes about 0.06 ms for 2 KB of English and 6 ms for 200 KB
-(15 ms when a tenth of the words have non-ASCII letters). No step is skipped on long input:
+methods, Hyperscan, regular expressions that never back off more than a few characters), so
+time is linear in the input. Python's `re` tries a pattern that opens with a character class
+at every position, so the costly ones run only behind a byte-class pre-check (see
+_byte_classes) that prose almost never passes: normalize plus decoded_variants take about
+7 µs for 400 characters of English prose. No step is skipped on long input:
 callers bound it (the injection detector scans at most 256 KB a request). `decoded_variants`
 searches only the first MAX_DECODE_SEARCH_CHARS of a text, skips each decoder whose marker
 characters are absent, decodes at most MAX_CANDIDATES runs and returns at most MAX_VARIANTS
@@ -29,10 +31,13 @@ import html
 import json
 import re
 import string
+import threading
 import unicodedata
 import urllib.parse
 from collections.abc import Callable
 from importlib.resources import files
+
+import hyperscan
 
 MAX_DECODE_SEARCH_CHARS = 64 * 1024
 MAX_CANDIDATES = 64
@@ -123,16 +128,39 @@ _TABLE: dict[int, str | None] = {
 # backing off at most one letter from a word that follows ("i g n o r e previous"): linear.
 _SPACED = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][ .\-_*+~|/]){2,}[^\W\d_](?![^\W\d_])")
 _SPACED_SEPARATORS = str.maketrans("", "", " .-_*+~|/")
+
+
+def _byte_classes(classes: dict[str, bytes], other: bytes = b" ") -> bytes:
+    """A bytes.translate table: each listed ASCII character to its class byte, all else to other.
+
+    Pre-checks translate text's UTF-8 bytes and look for a class pattern with `in`: a C-speed
+    test that is false for almost all prose, so the regular expression behind it (which Python
+    tries at every position) runs only where it can match. Bytes of non-ASCII characters are
+    `other`, which no pattern below counts as part of a run.
+    """
+    table = bytearray(other * 256)
+    for chars, cls in classes.items():
+        for char in chars:
+            table[ord(char)] = cls[0]
+    return bytes(table)
+
+
+# A spaced run of letters (a letter, a separator, a letter, a separator, a letter, with no
+# letter on either side) reads "sasasas" once letters are "a", all else "s", and the text is
+# padded with "s": a necessary condition for _SPACED in ASCII text, where letters are [A-Za-z].
+_SPACED_PROBE = _byte_classes({string.ascii_letters: b"a"}, other=b"s")
 _HSPACE = re.compile(r"[^\S\n]+")
 _NEWLINES = re.compile(r" ?\n\s*")
-# Whitespace that _HSPACE or _NEWLINES would change, in ASCII text; checked with `in`, which
-# is much cheaper than a regular-expression pass over text that has none.
-_ODD_WHITESPACE = ("  ", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
-_ODD_NEWLINES = (" \n", "\n ", "\n\n")
+# Whitespace that _HSPACE or _NEWLINES would change shows as "w", "ss", "sn", "ns" or "nn" in
+# this probe (space "s", newline "n", other whitespace "w"): a few `in` tests instead of a
+# regular-expression pass over text that has none.
+_WHITESPACE_PROBE = _byte_classes({" ": b"s", "\n": b"n", "\t\r\x0b\x0c\x1c\x1d\x1e\x1f": b"w"})
 
 
 def strip_invisible(text: str) -> str:
     """The text without invisible characters, NFKC-normalised (case and letters kept)."""
+    if text.isascii():
+        return text  # no ASCII character is invisible, and NFKC leaves ASCII as it is
     return unicodedata.normalize("NFKC", text.translate(_DELETE))
 
 
@@ -144,13 +172,20 @@ def normalize(text: str) -> str:
         # look-alikes. Decomposing fully is why marks can be dropped without recomposing.
         text = unicodedata.normalize("NFKD", text).translate(_TABLE)
     text = text.casefold()
-    text = _SPACED.sub(_join_letters, text)
+    if not text.isascii() or _may_have_spaced_run(text):
+        text = _SPACED.sub(_join_letters, text)
     # After NFKD and the table, all whitespace left is ASCII (see _BLANKS).
-    if any(w in text for w in _ODD_WHITESPACE):
+    probe = text.encode().translate(_WHITESPACE_PROBE)
+    if b"w" in probe or b"ss" in probe:
         text = _HSPACE.sub(" ", text)
-    if any(w in text for w in _ODD_NEWLINES):
+        probe = text.encode().translate(_WHITESPACE_PROBE)
+    if b"n" in probe and (b"sn" in probe or b"ns" in probe or b"nn" in probe):
         text = _NEWLINES.sub("\n", text)
     return text.strip()
+
+
+def _may_have_spaced_run(ascii_text: str) -> bool:
+    return b"sasasas" in b"s%bs" % ascii_text.encode().translate(_SPACED_PROBE)
 
 
 def _join_letters(match: re.Match[str]) -> str:
@@ -184,6 +219,42 @@ _ROT13_MARKER = re.compile(r"rot[\s_-]?13|caesar", re.IGNORECASE)
 # is English text so encoded (checked with `in`, cheaply).
 _ROT13_WORDS = (" gur ", " naq ", " lbh ", " bs ", " vf ", " gb ", " vg ", " sbe ", " lbhe ")
 _REVERSED_WORDS = (" eht ", " dna ", " uoy ", " fo ", " si ", " ot ", " ti ", " rof ", " ruoy ")
+
+
+class _WordMarkers:
+    """Which of _ROT13_WORDS and _REVERSED_WORDS a text holds, in one Hyperscan pass.
+
+    Eighteen `in` tests cost ten times one scan (24 µs against 2.5 µs on 2,000 characters).
+    """
+
+    def __init__(self) -> None:
+        words = _ROT13_WORDS + _REVERSED_WORDS
+        self._rot13 = len(_ROT13_WORDS)
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=[w.encode() for w in words],
+            ids=list(range(len(words))),
+            elements=len(words),
+            flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(words),
+        )
+        self._local = threading.local()  # scratch space must not be shared by threads
+
+    def count(self, folded: str) -> tuple[int, int]:
+        """(rot13 words, reversed words) found, each word counted once."""
+        scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        hits: set[int] = set()
+
+        def on_match(word: int, _start: int, _end: int, _flags: int, _ctx: object) -> None:
+            hits.add(word)
+
+        self._db.scan(folded.encode(), match_event_handler=on_match, scratch=scratch)
+        rot13 = sum(1 for word in hits if word < self._rot13)
+        return rot13, len(hits) - rot13
+
+
+_WORD_MARKERS = _WordMarkers()
 # Words mixing letters and leetspeak digits: "1gn0r3", "pr3v10u5"; not hex numbers (a letter
 # past "f" is required) nor pieces of base64 (no "+", "/", "=" next to the word).
 _LEET_WORD = re.compile(
@@ -192,12 +263,15 @@ _LEET_WORD = re.compile(
 )
 _LEET_CHARS = "0134579@$"
 _LEET = str.maketrans(_LEET_CHARS, "oieastgas")
-# ASCII letters to "a", leetspeak characters to "1", other ASCII to " ": then "a1" and "1a"
-# count where a digit touches a letter, with C-speed str methods instead of a regex pass.
-_LEET_PROBE = {
-    cp: "a" if chr(cp) in string.ascii_letters else "1" if chr(cp) in _LEET_CHARS else " "
-    for cp in range(128)
-}
+# ASCII letters to "a", leetspeak characters to "1", all else to " ": then "a1" and "1a"
+# count where a digit touches a letter, with C-speed bytes methods instead of a regex pass.
+_LEET_PROBE = _byte_classes({string.ascii_letters: b"a", _LEET_CHARS: b"1"})
+# Necessary conditions for _BASE64_RUN and _HEX_BYTES, as byte-class patterns (see
+# _byte_classes): 16 base64 characters in a row; 8 hex pairs with a separator between each.
+_BASE64_PROBE = _byte_classes({string.ascii_letters + string.digits + "+/_-": b"b"})
+_BASE64_NEEDLE = b"b" * 16
+_HEX_PROBE = _byte_classes({string.hexdigits: b"h", " :,": b"s"})
+_HEX_NEEDLE = b"hhs" * 7 + b"hh"
 # ASCII smuggled as Unicode tag characters (U+E0020..U+E007E mirror ASCII), and bytes smuggled
 # as runs of variation selectors (VS1..VS16 carry 0..15, VS17..VS256 carry 16..255).
 _TAG_CHAR = re.compile("[\U000e0020-\U000e007e]")
@@ -300,11 +374,11 @@ def decoded_variants(text: str) -> list[str]:
         for match in _SELECTOR_RUN.finditer(raw):
             add(_from_selectors(match.group()[:MAX_VARIANT_CHARS]))
     text = strip_invisible(raw)
-    runs: list[tuple[re.Pattern[str], Callable[[str], str | None]]] = [
-        (_BASE64_RUN, _from_base64_or_hex)
-    ]
-    if any(c in text for c in " :,") and any(c in text for c in "4567"):
-        # The hex of an ASCII letter starts with 4, 5, 6 or 7.
+    encoded = text.encode()
+    runs: list[tuple[re.Pattern[str], Callable[[str], str | None]]] = []
+    if _BASE64_NEEDLE in encoded.translate(_BASE64_PROBE):
+        runs.append((_BASE64_RUN, _from_base64_or_hex))
+    if _HEX_NEEDLE in encoded.translate(_HEX_PROBE):
         runs.append((_HEX_BYTES, _from_hex_bytes))
     if "01" in text:  # every byte of ASCII text but the controls starts with 0 then 0 or 1
         runs.append((_BINARY_RUN, _from_binary))
@@ -328,16 +402,17 @@ def decoded_variants(text: str) -> list[str]:
         add(urllib.parse.unquote(window, errors="replace"))
     if "&" in window and _ENTITY.search(window) is not None:
         add(html.unescape(window))
-    folded = window.casefold()
-    if sum(w in folded for w in _ROT13_WORDS) >= 2 or (
+    rot13_words, reversed_words = _WORD_MARKERS.count(window.casefold())
+    if rot13_words >= 2 or (
         ("13" in text or "aesar" in text) and _ROT13_MARKER.search(text) is not None
     ):
         add(codecs.encode(window, "rot13"))
-    if sum(w in folded for w in _REVERSED_WORDS) >= 2:
+    if reversed_words >= 2:
         add(window[::-1])
-    probe = window.translate(_LEET_PROBE)  # non-ASCII characters stay as they are
+    probe = window.encode().translate(_LEET_PROBE)
     if (
-        probe.count("a1") + probe.count("1a") >= MIN_MARKERS
+        b"1" in probe  # cheaper than counting pairs in prose without digits
+        and probe.count(b"a1") + probe.count(b"1a") >= MIN_MARKERS
         and len(_LEET_WORD.findall(window)) >= MIN_MARKERS
     ):
         add(window.translate(_LEET))

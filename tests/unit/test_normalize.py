@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import codecs
+import random
 import time
 import unicodedata
 
 import pytest
 
+from extproc.inspect import normalize as N
 from extproc.inspect.normalize import (
     MAX_VARIANT_CHARS,
     MAX_VARIANTS,
@@ -244,3 +246,41 @@ def test_variants_are_bounded() -> None:
     decoded_variants("%41" * 100_000)
     decoded_variants("1a " * 100_000)
     assert time.perf_counter() - start < 1.0
+
+
+def _reference_normalize(text: str) -> str:
+    """normalize without its byte-class pre-checks: every regular expression always runs."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKD", text).translate(N._TABLE)
+    text = N._SPACED.sub(N._join_letters, text.casefold())
+    text = N._HSPACE.sub(" ", text)
+    return N._NEWLINES.sub("\n", text).strip()
+
+
+def _random_texts(alphabet: str, count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(count)]
+
+
+def test_pre_checks_never_skip_a_needed_pass() -> None:
+    """The byte-class pre-checks are necessary conditions: skipping a pass they rule out
+    changes nothing, on random text dense in letters, separators, whitespace and hex."""
+    alphabet = "abIG .-_*+~|/\n\t\r\x0b\x1c  0123456789ABCDEFxyz:,=é\u200b"
+    texts = _random_texts(alphabet, 4000, seed=7)
+    for text in texts:
+        assert normalize(text) == _reference_normalize(text), repr(text)
+    rng = random.Random(11)
+    tokens = ["4f ", "0a:", "7E,", "4f", "Ab+/", "_-", "=", "g", " ", "\n", "é"]
+    weights = [8, 8, 8, 2, 3, 1, 1, 1, 1, 1, 1]
+    runs = ["".join(rng.choices(tokens, weights, k=rng.randint(0, 30))) for _ in range(4000)]
+    for text in runs:
+        encoded = text.encode()
+        if N._BASE64_RUN.search(text):
+            assert N._BASE64_NEEDLE in encoded.translate(N._BASE64_PROBE), repr(text)
+        if N._HEX_BYTES.search(text):
+            assert N._HEX_NEEDLE in encoded.translate(N._HEX_PROBE), repr(text)
+    # The samples reach every pass, so the property is not vacuous.
+    assert sum(N._SPACED.search(t.casefold()) is not None for t in texts) > 30
+    assert sum(N._HSPACE.search(t) is not None for t in texts) > 100
+    assert sum(N._BASE64_RUN.search(t) is not None for t in runs) > 10
+    assert sum(N._HEX_BYTES.search(t) is not None for t in runs) > 100
