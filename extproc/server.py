@@ -153,8 +153,17 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, store.reload)
-    watcher = asyncio.create_task(api_keys.watch())
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_now() -> None:
+        task = asyncio.create_task(store.reload_async())
+        reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now)
+    watchers = [asyncio.create_task(api_keys.watch())]
+    if settings.policy_watch_seconds > 0:
+        watchers.append(asyncio.create_task(store.watch(settings.policy_watch_seconds)))
     log.info(
         "serving on %s (pid %d, policy revision %s, %d policies)",
         settings.listen.rpartition(":")[0] + f":{port}",
@@ -169,11 +178,14 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     await _set_health(health_servicer, False)
     log.info("shutting down; draining for up to %.1f s", settings.grace_seconds)
     await server.stop(settings.grace_seconds)
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for watcher in watchers:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     for source in store.resources.key_sources.values():
         await source.aclose()
+    for introspector in store.resources.introspectors.values():
+        await introspector.aclose()
     await core.quotas.close()
 
 

@@ -34,6 +34,8 @@ class Settings:
     quota_store: str = "memory"
     # Budget for one quota decision against the store; past it the policy's failure mode applies.
     quota_timeout_ms: int = 250
+    # How often the policy directory is checked for changes (0: only on SIGHUP).
+    policy_watch_seconds: float = 1.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -72,6 +74,8 @@ class Settings:
             problems.append("quota_timeout_ms must be between 5 and 5000")
         if self.grace_seconds < 0:
             problems.append("grace_seconds must be >= 0")
+        if not 0 <= self.policy_watch_seconds <= 3600:
+            problems.append("policy_watch_seconds must be between 0 (off) and 3600")
         return problems
 
     @property

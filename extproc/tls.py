@@ -55,6 +55,11 @@ DECISION_SERVER_SPIFFE_ID = f"spiffe://{TRUST_DOMAIN}/decision-server"
 LISTENER_SDS_NAME = "listener_cert"
 UPSTREAM_CLIENT_SDS_NAME = "upstream_client_cert"
 UPSTREAM_CA_SDS_NAME = "upstream_ca"
+# Client certificates for the mTLS authentication method come from their own CA: the dev CA
+# also signs Envoy's and the decision server's certificates, which must never pass as callers.
+CLIENT_CA_SDS_NAME = "client_ca"
+CLIENT_TRUST_DOMAIN = "clients.extproc.local"
+DEMO_CLIENT_SPIFFE_ID = f"spiffe://{CLIENT_TRUST_DOMAIN}/tenant/demo/svc/demo-client"
 
 _SDS_RESOURCE_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 _CA_LIFETIME = dt.timedelta(days=365)
@@ -77,6 +82,9 @@ class DevPki:
     envoy_client_cert: Path
     envoy_client_key: Path
     sds_dir: Path
+    client_ca_cert: Path  # the CA callers' certificates chain to (mTLS method)
+    demo_client_cert: Path  # a caller certificate for demos and tests
+    demo_client_key: Path
 
     @property
     def ca_key(self) -> Path:
@@ -113,6 +121,9 @@ def pki_paths(directory: Path) -> DevPki:
         envoy_client_cert=d / "envoy-client.crt",
         envoy_client_key=d / "envoy-client.key",
         sds_dir=d / "sds",
+        client_ca_cert=d / "client-ca.crt",
+        demo_client_cert=d / "demo-client.crt",
+        demo_client_key=d / "demo-client.key",
     )
 
 
@@ -134,6 +145,7 @@ def ensure_dev_pki(directory: Path) -> DevPki:
             _issue_leaves(pki, ca)
         elif not _leaves_usable(pki, ca[0]) or not _sds_usable(pki):
             _issue_leaves(pki, ca)
+        _ensure_client_pki(pki)
     return pki
 
 
@@ -189,12 +201,15 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _create_ca(pki: DevPki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _create_ca(
+    pki: DevPki, cert_path: Path | None = None, common_name: str = "extproc dev CA"
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path = cert_path or pki.ca_cert
     key = _new_key()
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "extproc dev"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "extproc dev CA"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
     now = _now()
@@ -226,8 +241,8 @@ def _create_ca(pki: DevPki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(pki.ca_key, _key_pem(key))
-    _write_public(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(cert_path.with_suffix(".key"), _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 
 
@@ -352,6 +367,35 @@ def _issue_leaves(pki: DevPki, ca: tuple[x509.Certificate, ec.EllipticCurvePriva
     _write_public(sds / _GENERATION_FILE, "\n".join(sorted(current)).encode())
 
 
+def _ensure_client_pki(pki: DevPki) -> None:
+    """The client CA, a demo caller certificate it signs, and the listener's SDS file naming
+    the CA; reused while valid."""
+    ca = _load_ca(pki, pki.client_ca_cert)
+    fresh = ca is None
+    if ca is None:
+        ca = _create_ca(pki, pki.client_ca_cert, "extproc dev client CA")
+    if fresh or not _pair_usable(pki.demo_client_cert, pki.demo_client_key, ca[0]):
+        cert, key = _issue(
+            ca,
+            "demo-client",
+            [x509.UniformResourceIdentifier(DEMO_CLIENT_SPIFFE_ID)],
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        )
+        _write_private(pki.demo_client_key, _key_pem(key))
+        _write_public(pki.demo_client_cert, cert.public_bytes(serialization.Encoding.PEM))
+    sds_file = pki.sds_dir / f"{CLIENT_CA_SDS_NAME}.yaml"
+    if fresh or not sds_file.is_file():
+        ca_file = pki.sds_dir / f"client-ca.{ca[0].serial_number:x}.crt"
+        _write_public(ca_file, ca[0].public_bytes(serialization.Encoding.PEM))
+        _write_sds(
+            sds_file,
+            {
+                "name": CLIENT_CA_SDS_NAME,
+                "validation_context": {"trusted_ca": {"filename": str(ca_file)}},
+            },
+        )
+
+
 _GENERATION_FILE = ".generation"
 
 
@@ -395,11 +439,16 @@ def _write_sds(path: Path, secret: dict[str, Any]) -> None:
 # reuse checks
 
 
-def _load_ca(pki: DevPki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+def _load_ca(
+    pki: DevPki, cert_path: Path | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
     """The CA if it is readable, a CA, matches its key and stays valid long enough."""
+    cert_path = cert_path or pki.ca_cert
     try:
-        cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
-        key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(
+            cert_path.with_suffix(".key").read_bytes(), password=None
+        )
     except (OSError, ValueError):
         return None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -423,16 +472,17 @@ def _leaves_usable(pki: DevPki, ca: x509.Certificate) -> bool:
         (pki.server_cert, pki.server_key),
         (pki.envoy_client_cert, pki.envoy_client_key),
     )
-    for cert_path, key_path in pairs:
-        try:
-            cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
-            cert = x509.load_pem_x509_certificate(cert_pem)
-            cert.verify_directly_issued_by(ca)
-        except (OSError, ValueError, TypeError, InvalidSignature):
-            return False
-        if not _valid_long_enough(cert) or not _key_matches(cert_pem, key_pem):
-            return False
-    return True
+    return all(_pair_usable(cert_path, key_path, ca) for cert_path, key_path in pairs)
+
+
+def _pair_usable(cert_path: Path, key_path: Path, ca: x509.Certificate) -> bool:
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        cert.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    return _valid_long_enough(cert) and _key_matches(cert_pem, key_pem)
 
 
 def _sds_usable(pki: DevPki) -> bool:

@@ -8,13 +8,14 @@ from extproc._proto.extproc.admin.v1 import admin_pb2 as pb
 from extproc._proto.extproc.admin.v1 import admin_pb2_grpc as pb_grpc
 from extproc.adapters.common import context_from_headers, join_headers
 from extproc.pipeline.decision import Allow, Deny
-from extproc.pipeline.run import DecisionCore, PolicySource
+from extproc.pipeline.run import DecisionCore
+from extproc.policy.store import PolicyStore
 
 _PHASES = ("route", "authenticate", "authorize")
 
 
 class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, core: DecisionCore, policies: PolicySource) -> None:
+    def __init__(self, core: DecisionCore, policies: PolicyStore) -> None:
         self._core = core
         self._policies = policies
 
@@ -29,6 +30,8 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         return pb.GetPolicyRevisionResponse(
             revision=current.revision,
             loaded_at_unix_ms=int(current.loaded_at * 1000),
+            reloads=self._policies.reloads,
+            rejected_reloads=self._policies.rejected,
             policies=[
                 pb.PolicySummary(
                     name=p.model, file=p.file, models=sorted(p.names), versions=sorted(p.versions)

@@ -29,6 +29,7 @@ from extproc.adapters.common import (
     serialize,
     struct,
 )
+from extproc.adapters.peer import peer_from_ext_authz
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.pipeline.run import DecisionCore
@@ -60,6 +61,7 @@ def context_of(request: pb.CheckRequest) -> RequestContext:
     body = http.raw_body or (http.body.encode() if http.body else None)
     ctx = context_from_headers(headers, body)
     ctx.rewrites_body = False
+    ctx.peer = peer_from_ext_authz(request)
     return ctx
 
 

@@ -42,6 +42,7 @@ from extproc.adapters.ext_proc_response import (
     modes,
     on_response_headers,
 )
+from extproc.adapters.peer import peer_from_ext_proc
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny, NeedBody
 from extproc.pipeline.run import DecisionCore
@@ -184,6 +185,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
                     ctx = context_from_headers(headers_of(request.request_headers))
+                    # Attributes come on this message only; the context keeps them.
+                    ctx.peer = peer_from_ext_proc(request)
                     decision = await self._core.on_headers(ctx)
                     if isinstance(decision, NeedBody):
                         if not request.request_headers.end_of_stream:

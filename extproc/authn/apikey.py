@@ -45,7 +45,14 @@ from pydantic import (
     model_validator,
 )
 
-from extproc.authn.base import AuthMethod, AuthnFailure, AuthnOutcome, Identity, bearer_token
+from extproc.authn.base import (
+    AuthMethod,
+    AuthnFailure,
+    AuthnOutcome,
+    Identity,
+    PeerCertificate,
+    bearer_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -572,7 +579,9 @@ class ApiKeyAuthenticator:
     def method(self) -> AuthMethod:
         return "api_key"
 
-    async def authenticate(self, headers: Mapping[str, str]) -> AuthnOutcome:
+    async def authenticate(
+        self, headers: Mapping[str, str], peer: PeerCertificate | None = None
+    ) -> AuthnOutcome:
         found = self._credential(headers)
         if found is None or isinstance(found, AuthnFailure):
             return found

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-AuthMethod = Literal["jwt", "api_key"]
+AuthMethod = Literal["jwt", "api_key", "introspection", "mtls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,20 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The client's TLS certificate as Envoy verified it on the downstream connection.
+
+    Filled by the adapters only from what Envoy itself reports about the connection (ext_authz
+    `attributes.source`, ext_proc connection attributes), never from a request header, which a
+    client could set.
+    """
+
+    subject: str = ""
+    uri_sans: tuple[str, ...] = ()
+    dns_sans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AuthnFailure:
     """A credential of this method was present but is not acceptable.
 
@@ -41,6 +55,9 @@ class AuthnFailure:
     detail: str = "the credential is not valid"
     # Name of the header that carried the rejected credential.
     credential_header: str = "authorization"
+    # The credential could not be checked (its verifier is unreachable): 503, try again, rather
+    # than 401. Never an allow.
+    unavailable: bool = False
 
 
 # None means: this method found no credential of its kind in the request.
@@ -53,7 +70,9 @@ class Authenticator(Protocol):
     @property
     def method(self) -> AuthMethod: ...
 
-    async def authenticate(self, headers: Mapping[str, str]) -> AuthnOutcome: ...
+    async def authenticate(
+        self, headers: Mapping[str, str], peer: PeerCertificate | None = None
+    ) -> AuthnOutcome: ...
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:

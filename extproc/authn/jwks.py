@@ -6,15 +6,12 @@ checked to fit the algorithm, or None. Key material is never logged; fetch event
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import functools
 import json
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt import PyJWK
+
+from extproc.authn.http_fetch import Refresher, describe, new_client, read_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +327,6 @@ class HmacSecret:
 _REQUEST_HEADERS = {"accept": "application/json", "accept-encoding": "identity"}
 
 
-class _FetchError(Exception):
-    """A JWKS fetch failed for a reason worth one log line."""
-
-
 class RemoteJwks:
     """A JWKS fetched over HTTP(S), cached for a TTL, with the last good copy kept on failure.
 
@@ -369,47 +364,49 @@ class RemoteJwks:
         if timeout_seconds <= 0 or request_wait_seconds <= 0:
             raise ValueError("JWKS timeout and request wait must be positive")
         self.url = url
-        self._ttl = ttl_seconds
         self._cooldown = refetch_cooldown_seconds
         self._max_bytes = max_bytes
         self._timeout = timeout_seconds
-        self._request_wait = request_wait_seconds
-        self._clock = clock
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._keys: KeySet | None = None
-        # When the cached copy is due, or after a failure when we may try again.
-        self._next_fetch_at = -math.inf
-        self._last_fetch_started = -math.inf
-        self._inflight: asyncio.Task[None] | None = None
+        self._refresher = Refresher(
+            self._fetch_and_store,
+            ttl_seconds=ttl_seconds,
+            cooldown_seconds=refetch_cooldown_seconds,
+            request_wait_seconds=request_wait_seconds,
+            clock=clock,
+            what=f"JWKS {url}",
+        )
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether a usable key set has been fetched (it may be stale)."""
+        return self._keys is not None
 
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
-        if self._clock() >= self._next_fetch_at:
+        if self._refresher.due():
             if self._keys is None:
-                await self._refresh_briefly()
+                await self._refresher.refresh_briefly()
             else:
-                self._start_fetch()  # stale-while-revalidate: serve the copy we have
+                self._refresher.start()  # stale-while-revalidate: serve the copy we have
         key = self._find(kid, alg)
         if key is None and kid is not None and self._may_refetch_for_unknown_kid():
-            await self._refresh_briefly()  # the issuer may have rotated to a key we lack
+            await self._refresher.refresh_briefly()  # the issuer may have rotated keys
             key = self._find(kid, alg)
         return key
 
     async def warm(self) -> bool:
         """Fetch now (or join the fetch in flight); True when keys are available."""
-        await self._refresh()
+        await self._refresher.refresh()
         return self._keys is not None
 
     async def fetch_settled(self) -> None:
         """Wait for the fetch in flight, if any (a background refresh, say); never starts one."""
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)
+        await self._refresher.settled()
 
     async def aclose(self) -> None:
-        if self._inflight is not None:
-            self._inflight.cancel()
-            await asyncio.gather(self._inflight, return_exceptions=True)
-            self._inflight = None
+        await self._refresher.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -420,75 +417,25 @@ class RemoteJwks:
     def _may_refetch_for_unknown_kid(self) -> bool:
         # Measured from the last fetch of any kind: a copy fetched a moment ago will not
         # contain the kid either, and made-up kids must not translate into requests.
-        return self._clock() - self._last_fetch_started >= self._cooldown
+        return self._refresher.since_last_start() >= self._cooldown
 
-    def _start_fetch(self) -> asyncio.Task[None]:
-        if self._inflight is None:
-            self._inflight = asyncio.get_running_loop().create_task(self._fetch_and_store())
-        return self._inflight
-
-    async def _refresh(self) -> None:
-        # shield: one caller giving up (cancelled request) must not cancel everyone's fetch.
-        await asyncio.shield(self._start_fetch())
-
-    async def _refresh_briefly(self) -> None:
-        """Join the fetch for at most request_wait_seconds; it continues in the background."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._start_fetch()), self._request_wait)
-
-    async def _fetch_and_store(self) -> None:
-        self._last_fetch_started = self._clock()
+    async def _fetch_and_store(self) -> bool:
+        if self._client is None:
+            self._client = new_client(self._timeout, self._transport)
         try:
-            body = await self._download()
+            body = await read_bounded(
+                self._client,
+                "GET",
+                self.url,
+                max_bytes=self._max_bytes,
+                timeout_seconds=self._timeout,
+                headers=_REQUEST_HEADERS,
+            )
             keys = KeySet.from_json(body, source=self.url)
         except Exception as exc:  # a fetch failure of any kind must leave the last good keys
-            self._next_fetch_at = self._clock() + self._cooldown
             kept = "keeping the last good keys" if self._keys is not None else "no keys yet"
-            logger.warning("JWKS fetch from %s failed (%s); %s", self.url, _describe(exc), kept)
-        else:
-            self._keys = keys
-            self._next_fetch_at = self._clock() + self._ttl
-            logger.info("JWKS fetched from %s: %d usable keys", self.url, len(keys))
-        finally:
-            self._inflight = None
-
-    async def _download(self) -> bytes:
-        client = self._client_in_loop()
-        # httpx timeouts are per operation; a server dripping bytes needs an overall bound.
-        async with (
-            asyncio.timeout(self._timeout),
-            client.stream("GET", self.url, headers=_REQUEST_HEADERS) as response,
-        ):
-            if response.status_code != 200:
-                raise _FetchError(f"HTTP status {response.status_code}")
-            # Counting decoded bytes would not bound a compression bomb's single chunk.
-            if response.headers.get("content-encoding", "identity").lower() != "identity":
-                raise _FetchError("compressed response refused")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self._max_bytes:
-                raise _FetchError(f"response declares {declared} bytes, over {self._max_bytes}")
-            return await self._read_capped(response.aiter_bytes())
-
-    async def _read_capped(self, chunks: AsyncIterator[bytes]) -> bytes:
-        body = bytearray()
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > self._max_bytes:
-                raise _FetchError(f"response exceeds {self._max_bytes} bytes")
-        return bytes(body)
-
-    def _client_in_loop(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                timeout=self._timeout,
-                follow_redirects=False,
-            )
-        return self._client
-
-
-def _describe(exc: BaseException) -> str:
-    """A log-safe description of a fetch failure (our messages and httpx's carry no key data)."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            logger.warning("JWKS fetch from %s failed (%s); %s", self.url, describe(exc), kept)
+            return False
+        self._keys = keys
+        logger.info("JWKS fetched from %s: %d usable keys", self.url, len(keys))
+        return True

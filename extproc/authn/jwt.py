@@ -27,7 +27,14 @@ from typing import Any
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 
-from extproc.authn.base import AuthMethod, AuthnFailure, AuthnOutcome, Identity, bearer_token
+from extproc.authn.base import (
+    AuthMethod,
+    AuthnFailure,
+    AuthnOutcome,
+    Identity,
+    PeerCertificate,
+    bearer_token,
+)
 from extproc.authn.jwks import (
     SUPPORTED_ALGORITHMS,
     HmacSecret,
@@ -313,7 +320,9 @@ class JwtAuthenticator:
     def method(self) -> AuthMethod:
         return "jwt"
 
-    async def authenticate(self, headers: Mapping[str, str]) -> AuthnOutcome:
+    async def authenticate(
+        self, headers: Mapping[str, str], peer: PeerCertificate | None = None
+    ) -> AuthnOutcome:
         token = bearer_token(headers)
         if token is None:
             return None

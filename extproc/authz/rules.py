@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from extproc.authn.base import Identity
+from extproc.authz.conditions import Condition, ConditionError, ConditionFacts, compile_condition
 from extproc.policy.schema import ClaimValue, Rule
 
 
@@ -28,9 +29,17 @@ class CompiledRule:
     claims: tuple[tuple[str, tuple[Any, ...]], ...]
     # Scoped to requests carrying one of these input types: checked once the body is read.
     input_types: frozenset[str] | None = None
+    condition: Condition | None = None  # `when:`, a CEL expression
 
     def applies_to(self, version: str) -> bool:
         return self.versions is None or version in self.versions
+
+    @property
+    def reads_body(self) -> bool:
+        """Decided once the body is read: scoped to input types, or a condition reads them."""
+        return self.input_types is not None or (
+            self.condition is not None and self.condition.reads_body
+        )
 
     def failed_condition(self, identity: Identity) -> str | None:
         """The first condition this identity fails, or None when the rule passes."""
@@ -68,7 +77,19 @@ def _claim_values(value: ClaimValue) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, list) else (value,)
 
 
-def compile_rule(rule: Rule) -> CompiledRule:
+class RuleCompileError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def compile_rule(rule: Rule, index: int = 0) -> CompiledRule:
+    condition = None
+    if rule.when is not None:
+        try:
+            condition = compile_condition(rule.when)
+        except ConditionError as exc:
+            raise RuleCompileError(f"authorization.rules[{index}].when", str(exc)) from None
     return CompiledRule(
         name=rule.name,
         versions=_frozen(rule.versions),
@@ -81,6 +102,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
         scopes_all=_frozen(rule.scopes_all),
         claims=tuple((k, _claim_values(v)) for k, v in sorted((rule.claims or {}).items())),
         input_types=_frozen(rule.input_types),
+        condition=condition,
     )
 
 
@@ -89,21 +111,36 @@ def first_failure(
     identity: Identity,
     version: str,
     input_types: frozenset[str] | None = None,
+    facts: Callable[[], ConditionFacts] | None = None,
 ) -> tuple[str, str] | None:
     """(rule name, condition) of the first applicable rule that fails, or None: all pass.
 
-    Without `input_types` (the request headers) rules scoped to input types are left for later;
+    Without `input_types` (the request headers) rules that read the body are left for later;
     with them (the body was read) only those rules are checked, the rest having passed already.
+    `facts` builds what `when:` conditions read, once, and only if one is evaluated; a
+    condition that cannot be evaluated fails its rule.
     """
+    built: ConditionFacts | None = None
     for rule in rules:
         if input_types is None:
-            scoped_in = rule.input_types is None
+            scoped_in = not rule.reads_body
         else:
-            scoped_in = rule.input_types is not None and not rule.input_types.isdisjoint(
-                input_types
+            scoped_in = rule.reads_body and (
+                rule.input_types is None or not rule.input_types.isdisjoint(input_types)
             )
-        if scoped_in and rule.applies_to(version):
-            failed = rule.failed_condition(identity)
-            if failed is not None:
-                return rule.name, failed
+        if not scoped_in or not rule.applies_to(version):
+            continue
+        failed = rule.failed_condition(identity)
+        if failed is None and rule.condition is not None:
+            if facts is None:
+                return rule.name, "when (no request facts)"
+            if built is None:
+                built = facts()
+            try:
+                if not rule.condition.evaluate(built):
+                    failed = "when"
+            except ConditionError:
+                failed = "when (evaluation failed)"
+        if failed is not None:
+            return rule.name, failed
     return None

@@ -38,10 +38,20 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 RECORDED_BODY_BYTES = 64 * 1024
 RECORDED_REQUESTS = 1000
 CONTROL_PREFIX = "/_demo/"
+# What Envoy's active health check asks (GET, 200 while the pod serves). Like the control paths
+# it is not recorded, so health checks never show up among the requests a test inspects.
+HEALTH_PATH = "/healthz"
 # Demo knobs any pod honours: answer 500 with a Python traceback (a server in debug mode), or
 # gzip the answer whatever the request's Accept-Encoding said.
 DEMO_TRACEBACK_HEADER = "x-demo-traceback"
 DEMO_GZIP_HEADER = "x-demo-gzip"
+# Pause this long before answering at all (a model slower than the gateway's timeout).
+DEMO_WAIT_HEADER = "x-demo-wait-ms"
+MAX_DEMO_WAIT_MS = 10_000
+# Comma-separated versions ("v2" or "v1,v2"): the x-demo-* knobs then apply only on pods of those
+# versions and are ignored elsewhere, so a retry or a mirrored copy of the same request can find a
+# healthy pod. The request is still recorded with every header it carried.
+DEMO_TARGET_HEADER = "x-demo-target"
 
 _MAX_LINE = 65536
 _MAX_TRAILER_LINES = 100
@@ -178,6 +188,7 @@ class App:
         self.recorder = _Recorder()
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/_demo/health"), self._health),
+            ("GET", re.compile(re.escape(HEALTH_PATH)), self._health),
             ("GET", re.compile(r"/_demo/received"), self._received),
             ("DELETE", re.compile(r"/_demo/received"), self._clear),
         ]
@@ -231,6 +242,8 @@ class _PodServer(http.server.ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._closing = False
+        # Set when the pod stops: cuts short a demo wait (x-demo-wait-ms) in a handler thread.
+        self.stopping = threading.Event()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _PodHandler)
@@ -254,6 +267,7 @@ class _PodServer(http.server.ThreadingHTTPServer):
 
     def hang_up_all(self) -> None:
         """End idle keep-alive connections, whose threads server_close() would otherwise await."""
+        self.stopping.set()
         with self._lock:
             self._closing = True
             connections = list(self._connections)
@@ -263,6 +277,14 @@ class _PodServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients hanging up mid-response is routine here; keep stderr free of tracebacks.
         log.debug("connection from %s failed", client_address, exc_info=True)
+
+
+def _knobs_for(app: App, headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` without the x-demo-* knobs when x-demo-target names other versions."""
+    target = headers.get(DEMO_TARGET_HEADER)
+    if target is None or app.version in {v.strip() for v in target.split(",")}:
+        return headers
+    return {k: v for k, v in headers.items() if not k.startswith("x-demo-")}
 
 
 def _hang_up(conn: socket.socket) -> None:
@@ -305,7 +327,7 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         app = self.pod.app
         path = urllib.parse.urlsplit(self.path).path
-        record = not path.startswith(CONTROL_PREFIX)
+        record = not path.startswith(CONTROL_PREFIX) and path != HEALTH_PATH
         try:
             body = self._read_body()
         except HttpError as err:
@@ -318,12 +340,11 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
             return
         if record:
             self._record(body, len(body))
-        self._send(
-            self._respond(
-                app,
-                Request(self.command, path, body, {k.lower(): v for k, v in self.headers.items()}),
-            )
-        )
+        headers = _knobs_for(app, {k.lower(): v for k, v in self.headers.items()})
+        wait = headers.get(DEMO_WAIT_HEADER, "")
+        if wait.isdigit():
+            self.pod.stopping.wait(min(int(wait), MAX_DEMO_WAIT_MS) / 1000)
+        self._send(self._respond(app, Request(self.command, path, body, headers)))
 
     def _respond(self, app: App, request: Request) -> Response:
         leak = request.headers.get(DEMO_TRACEBACK_HEADER) == "1"

@@ -23,7 +23,8 @@ import httpx
 
 from extproc.authn.apikey import create_key
 from extproc.demo.issuer import DemoIssuer, ensure_demo_issuer
-from extproc.envoyconf import EnvoyValues, write_config
+from extproc.envoy_routes import VersionUpstream
+from extproc.envoyconf import EnvoyValues, policy_upstreams, write_config
 from extproc.parent_death import die_with_parent
 from extproc.tls import DevPki, ensure_dev_pki, pki_paths
 
@@ -252,7 +253,13 @@ class Stack:
             chat_v2_port=self.pod_ports["chat-v2"],
             oip_v1_port=self.pod_ports["oip-v1"],
             ext_timeout_ms=self.config.ext_timeout_ms,
+            upstreams=self.model_upstreams(),
         )
+
+    def model_upstreams(self) -> tuple[VersionUpstream, ...]:
+        """What Envoy routes to, from the policies' versions. Read when the config is written,
+        so a test may edit the policies first."""
+        return policy_upstreams(self.config.policy_dir)
 
     def pod_argv(self, kind: str, model: str, version: str) -> list[str]:
         port = self.pod_ports[f"{kind}-{version}"]

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from extproc.authn.base import PeerCertificate
+
 # 64 random bits per process, then a counter: unique across workers and restarts without a
 # syscall per request (measurable on the hot path). Ids correlate records; they grant nothing.
 _PROCESS_PREFIX = os.urandom(8).hex()
@@ -34,6 +36,8 @@ class RequestContext:
     # The transport can replace the request body (ext_proc can, ext_authz cannot): where it
     # cannot, a body that would have to be rewritten (masked PII) is refused instead.
     rewrites_body: bool = True
+    # The client certificate Envoy verified on the connection (mTLS), from Envoy only.
+    peer: PeerCertificate | None = None
 
     @staticmethod
     def split_path(raw_path: str) -> tuple[str, str]:

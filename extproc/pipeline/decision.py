@@ -60,6 +60,10 @@ class Allow:
     output: OutputPlan = field(default=NO_OUTPUT, compare=False)
     # What inspection flagged but let through; shown in x-gateway-flags.
     flags: tuple[str, ...] = field(default=(), compare=False)
+    # Envoy retries a failed request on this cluster (the version's fallback), and sends a
+    # copy to the mirror cluster (a shadow version); None: neither.
+    fallback_cluster: str | None = None
+    mirror_cluster: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,19 @@ def internal_error(reason: str) -> Deny:
         code="unavailable",
         message="the request could not be authorized; try again later",
         phase="internal",
+        reason=reason,
+        headers=(("retry-after", "1"),),
+    )
+
+
+def verifier_unavailable(reason: str) -> Deny:
+    # The credential's verifier (an introspection endpoint) did not answer: never an allow,
+    # and not the caller's fault either.
+    return Deny(
+        status=503,
+        code="unavailable",
+        message="the credential could not be checked; try again later",
+        phase="authenticate",
         reason=reason,
         headers=(("retry-after", "1"),),
     )

@@ -20,12 +20,13 @@ from typing import Protocol
 import orjson
 
 from extproc.audit import record
-from extproc.authn.base import Authenticator, AuthnFailure, Identity
-from extproc.authz.rules import first_failure
+from extproc.authn.base import Authenticator, AuthnFailure, Identity, PeerCertificate
+from extproc.authz.constraints import narrows_input_types
 from extproc.inspect.body import check_headers, content_encoding, decode_body, parse_json
 from extproc.inspect.profiles import input_types
 from extproc.inspect.request import inspect_request
 from extproc.inspect.violation import Violation
+from extproc.pipeline.authorize import authorize, check_body
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import (
     Allow,
@@ -34,11 +35,11 @@ from extproc.pipeline.decision import (
     HeadersDecision,
     NeedBody,
     bad_request,
-    forbidden,
     internal_error,
     no_route,
     refused_input,
     unauthenticated,
+    verifier_unavailable,
 )
 from extproc.policy.compiled import CompiledPolicy, PolicySet
 from extproc.quota.admit import QuotaEngine
@@ -48,9 +49,6 @@ from extproc.quota.usage import ensure_stream_usage
 
 log = logging.getLogger(__name__)
 
-VERSION_HEADER = "x-model-version"
-# Removed on the way up when the response is to be read: the model then answers uncompressed.
-ACCEPT_ENCODING = ("accept-encoding",)
 MAX_MODEL_NAME = 256
 
 
@@ -92,19 +90,19 @@ class DecisionCore:
         if route.methods is not None and ctx.method not in route.methods:
             return method_not_allowed(route.methods)
         authenticators = route.owner.authenticators if route.owner else route.authenticators
-        identity = await authenticate(authenticators, ctx.headers)
+        identity = await authenticate(authenticators, ctx.headers, ctx.peer)
         if isinstance(identity, Deny):
             return identity
         policy = route.owner
         if policy is None:
             return NeedBody(identity, route)
-        decision = authorize(policy, identity, ctx.headers)
+        decision = authorize(policy, identity, ctx)
         if isinstance(decision, Deny):
             return decision
         violation = check_headers(ctx.headers, policy.inspect.limits)
         if violation is not None:
             return refused_input(violation)
-        if policy.needs_body:
+        if policy.needs_body or narrows_input_types(identity.claims):
             return NeedBody(identity, route, allow=decision)
         if not policy.quotas.active:
             return decision
@@ -116,7 +114,7 @@ class DecisionCore:
         allow = pending.allow
         encoding = content_encoding(ctx.headers)
         if policy is None or allow is None:
-            chosen = self._choose_by_body(ctx, pending, body, encoding)
+            chosen = await self._choose_by_body(ctx, pending, body, encoding)
             if isinstance(chosen, Deny):
                 return chosen
             policy, allow, body = chosen
@@ -129,7 +127,8 @@ class DecisionCore:
         new_body = None if encoding is None else decoded
         # An empty body carries nothing to inspect (GET and the like); the model judges it.
         inspects = plan.needs_body and bool(decoded)
-        if inspects or policy.typed_rules or policy.quotas.needs_body:
+        wants_types = policy.typed_rules or narrows_input_types(allow.identity.claims)
+        if inspects or wants_types or policy.quotas.needs_body or policy.tenancy.needs_body:
             doc = parse_json(decoded or b"{}", plan.limits.max_depth)
             if isinstance(doc, Violation):
                 return refused_input(doc)
@@ -151,19 +150,23 @@ class DecisionCore:
                 new_body = orjson.dumps(doc)
             if inspected.flags:
                 allow = dataclasses.replace(allow, flags=inspected.flags)
-        elif policy.typed_rules and decoded:
+        elif wants_types and decoded:
             types = frozenset(input_types(doc))
-        if policy.typed_rules:
-            failed = first_failure(policy.rules, allow.identity, allow.version, types)
-            if failed is not None:
-                return forbidden(f"rule {failed[0]!r} failed on {failed[1]}")
+        cost = 0
+        if policy.typed_rules and isinstance(doc, dict):
+            # What a `when:` condition sees as request.cost: the tokens it may use at most.
+            est = request_facts(doc, len(decoded))
+            cost = int(est["prompt_tokens"]) + int(est["max_tokens"]) * max(int(est["n"]), 1)
+        denial = check_body(policy, allow, ctx, doc, types if wants_types else None, cost)
+        if denial is not None:
+            return denial
         if new_body is not None:
             allow = dataclasses.replace(allow, body=new_body)
         if not policy.quotas.active:
             return allow
         return await self._admit(policy, allow, ctx, decoded, doc)
 
-    def _choose_by_body(
+    async def _choose_by_body(
         self, ctx: RequestContext, pending: NeedBody, body: bytes, encoding: str | None
     ) -> tuple[CompiledPolicy, Allow, bytes] | Deny:
         """On a shared path: the policy the body's `model` names, authorized for the caller."""
@@ -193,16 +196,26 @@ class DecisionCore:
         if isinstance(model, Deny):
             return model
         policy = pending.route.by_model.get(model)
-        if policy is None:
+        if policy is None or not policy.tenancy.visible_to(pending.identity):
+            # Another tenant's model answers exactly like one that does not exist.
             return Deny(404, "model_not_found", "no such model", "route", "unknown_body_model")
         methods = pending.route.model_methods.get(model)
         if methods is not None and ctx.method not in methods:
             return method_not_allowed(methods)
-        if not policy.accepts(pending.identity):
-            return unauthenticated(
-                "method_not_accepted", "this credential is not accepted for this model"
-            )
-        decision = authorize(policy, pending.identity, ctx.headers)
+        identity = pending.identity
+        if policy.authenticators != pending.route.authenticators:
+            # The caller was authenticated by any model on this path; the model the body names
+            # must accept the credential itself (its issuers, its certificates). Token results
+            # are cached, so asking again costs little.
+            again = await authenticate(policy.authenticators, ctx.headers, ctx.peer)
+            if isinstance(again, Deny):
+                if again.status == 503:
+                    return again  # its verifier is down: not the caller's fault
+                return unauthenticated(
+                    "method_not_accepted", "this credential is not accepted for this model"
+                )
+            identity = again
+        decision = authorize(policy, identity, ctx)
         if isinstance(decision, Deny):
             return decision
         violation = check_headers(ctx.headers, policy.inspect.limits)
@@ -252,40 +265,25 @@ def method_not_allowed(methods: frozenset[str]) -> Deny:
 
 
 async def authenticate(
-    authenticators: tuple[Authenticator, ...], headers: Mapping[str, str]
+    authenticators: tuple[Authenticator, ...],
+    headers: Mapping[str, str],
+    peer: PeerCertificate | None = None,
 ) -> Identity | Deny:
     failure: AuthnFailure | None = None
     for authenticator in authenticators:
-        outcome = await authenticator.authenticate(headers)
+        outcome = await authenticator.authenticate(headers, peer)
         if isinstance(outcome, Identity):
             return outcome
         if outcome is not None and failure is None:
             failure = outcome
     if failure is not None:
+        if failure.unavailable:
+            return verifier_unavailable(f"{failure.method}:{failure.reason}")
         return unauthenticated(f"{failure.method}:{failure.reason}", failure.detail)
     if "authorization" in headers:
         # Presented, but of no kind this route accepts: still an invalid token (RFC 6750).
         return unauthenticated("unrecognized_credentials", "the credential is not valid")
     return unauthenticated("missing_credentials", "credentials are required")
-
-
-def authorize(policy: CompiledPolicy, identity: Identity, headers: Mapping[str, str]) -> Decision:
-    version = headers.get(VERSION_HEADER) or policy.default_version
-    cluster = policy.versions.get(version)
-    if cluster is None:
-        return bad_request(
-            "unknown_version", "the requested model version does not exist", "unknown_version",
-            phase="authorize",
-        )  # fmt: skip
-    failed = first_failure(policy.rules, identity, version)
-    if failed is not None:
-        rule, condition = failed
-        return forbidden(f"rule {rule!r} failed on {condition}")
-    return Allow(
-        identity, policy.model, policy.model, version, cluster, policy.credential_headers,
-        strip_headers=ACCEPT_ENCODING if policy.output.transforms_body else (),
-        output=policy.output,
-    )  # fmt: skip
 
 
 def body_model(doc: object) -> str | Deny:

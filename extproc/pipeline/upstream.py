@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from extproc.envoy_routes import selection_key
 from extproc.pipeline.decision import Allow
 
 PRINCIPAL = "x-gateway-principal"
@@ -15,7 +16,8 @@ TENANT = "x-gateway-tenant"
 DECISION_ID = "x-gateway-decision-id"
 MODEL = "x-gateway-model"
 VERSION = "x-gateway-version"
-# Envoy's route uses `cluster_header` on this one to pick the model version's cluster.
+# Envoy's generated routes match this one exactly (extproc.envoy_routes): the version's
+# cluster, and its fallback and mirror clusters when the caller may use them.
 CLUSTER = "x-gateway-cluster"
 AUTH_METHOD = "x-gateway-auth-method"
 
@@ -46,6 +48,7 @@ def template_key(allow: Allow) -> tuple[object, ...]:
     return (
         (who.principal, who.tenant, who.method, who.credential_header),
         (allow.policy, allow.model, allow.version, allow.cluster, allow.credential_headers),
+        (allow.fallback_cluster, allow.mirror_cluster),
         allow.strip_headers,
     )
 
@@ -57,7 +60,7 @@ def allow_mutation(allow: Allow) -> HeaderMutation:
     values = {
         PRINCIPAL: allow.identity.principal,
         MODEL: allow.model,
-        CLUSTER: allow.cluster,
+        CLUSTER: selection_key(allow.cluster, allow.fallback_cluster, allow.mirror_cluster),
     }
     if allow.identity.tenant is not None:
         values[TENANT] = allow.identity.tenant

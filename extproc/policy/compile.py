@@ -10,13 +10,19 @@ from pathlib import Path
 
 from extproc.authn.apikey import ApiKeyAuthenticator, ApiKeyStore
 from extproc.authn.base import Authenticator
+from extproc.authn.introspection import IntrospectionAuthenticator
 from extproc.authn.jwks import HmacSecret, KeySource, RemoteJwks, StaticJwks
 from extproc.authn.jwt import JwtAuthenticator, JwtIssuer
-from extproc.authz.rules import compile_rule
+from extproc.authn.mtls import MtlsAuthenticator
+from extproc.authn.oidc import DiscoveredJwks
+from extproc.authz.rules import RuleCompileError, compile_rule
+from extproc.authz.tenancy import TenancyPlan, compile_template
+from extproc.authz.versions import Shadow, VersionPlan, VersionSpec
 from extproc.inspect.plan import InspectCompileError, compile_input, compile_output
 from extproc.policy.compiled import CompiledPolicy, PolicySet, RouteEntry
+from extproc.policy.floors import breaches
 from extproc.policy.load import NO_PLATFORM, PlatformFile, PolicyError, PolicyFile, PolicyLoadError
-from extproc.policy.schema import ApiKeyMethod, JwtMethod, Policy
+from extproc.policy.schema import ApiKeyMethod, IntrospectionMethod, JwtMethod, MtlsMethod, Policy
 from extproc.quota.plan import QuotaCompileError, compile_quotas
 from extproc.quota.schema import Quotas
 
@@ -28,8 +34,34 @@ class CompileResources:
     api_keys: ApiKeyStore
     environ: Mapping[str, str]
     key_sources: dict[str, KeySource] = field(default_factory=dict)
+    # Introspection clients, like key sources, outlive reloads (their caches and connections).
+    introspectors: dict[object, IntrospectionAuthenticator] = field(default_factory=dict)
     # Authenticators are shared between policies with the same config, so their token caches are.
     _authenticators: dict[object, Authenticator] = field(default_factory=dict)
+
+    def introspector(self, method: IntrospectionMethod) -> IntrospectionAuthenticator:
+        secret = self.environ.get(method.client_secret_env, "")
+        if not secret:
+            raise ValueError(f"environment variable {method.client_secret_env} is not set")
+        # The secret is part of the identity of a client, by digest only.
+        key = (method.model_dump_json(), hashlib.sha256(secret.encode()).hexdigest())
+        found = self.introspectors.get(key)
+        if found is None:
+            found = IntrospectionAuthenticator(
+                str(method.endpoint),
+                client_id=method.client_id,
+                client_secret=secret,
+                issuer=method.issuer,
+                audiences=tuple(method.audiences),
+                principal_claim=method.claims.principal,
+                tenant_claim=method.claims.tenant,
+                roles_claim=method.claims.roles,
+                scopes_claim=method.claims.scopes,
+                timeout_seconds=method.timeout_seconds,
+                cache_ttl_seconds=method.cache_seconds,
+            )
+            self.introspectors[key] = found
+        return found
 
     def key_source(self, method: JwtMethod, policy_dir: Path) -> KeySource:
         if method.jwks_file:
@@ -43,6 +75,13 @@ class CompileResources:
             if key not in self.key_sources:
                 self.key_sources[key] = RemoteJwks(
                     str(method.jwks_url), ttl_seconds=method.jwks_ttl_seconds
+                )
+            return self.key_sources[key]
+        if method.oidc_discovery:
+            key = f"oidc:{method.issuer}"
+            if key not in self.key_sources:
+                self.key_sources[key] = DiscoveredJwks(
+                    method.issuer, jwks_ttl_seconds=method.jwks_ttl_seconds
                 )
             return self.key_sources[key]
         env_name = method.hs256_secret_env or ""
@@ -89,7 +128,21 @@ def _authenticators(
                 ("api_key", header), lambda: ApiKeyAuthenticator(res.api_keys, header=header)
             )
         )
+    for method in policy.authentication:
+        if method.introspection is not None:
+            out.append(res.introspector(method.introspection))
+    for method in policy.authentication:
+        if method.mtls is not None:
+            out.append(_mtls(method.mtls))
     return tuple(out)
+
+
+def _mtls(method: MtlsMethod) -> MtlsAuthenticator:
+    return MtlsAuthenticator(
+        trust_domains=tuple(method.trust_domains),
+        subjects=tuple(method.subjects),
+        tenant_from_path_segment=method.tenant_from_path_segment,
+    )
 
 
 def _one_header(methods: list[ApiKeyMethod]) -> str | None:
@@ -99,11 +152,62 @@ def _one_header(methods: list[ApiKeyMethod]) -> str | None:
     return headers.pop()
 
 
+class FloorError(ValueError):
+    """A policy weakens a platform floor; one entry per breach, each (field, message)."""
+
+    def __init__(self, found: list[tuple[str, str]]) -> None:
+        self.found = found
+        super().__init__("; ".join(message for _, message in found))
+
+
+def _version_plan(policy: Policy) -> VersionPlan:
+    routing = policy.routing
+    return VersionPlan(
+        model=policy.model,
+        default=policy.default_version().name,
+        versions={
+            v.name: VersionSpec(
+                name=v.name,
+                cluster=v.cluster,
+                weight=v.weight,
+                fallback=v.fallback,
+                timeout_seconds=v.timeout_seconds,
+                retries=v.retries,
+                tenants=None if v.tenants is None else frozenset(v.tenants),
+            )
+            for v in policy.versions
+        },
+        sticky_by=routing.sticky_by,
+        pin_header=routing.pin_header,
+        pin_claim=routing.pin_claim,
+        shadow=(
+            None
+            if routing.shadow is None
+            else Shadow(routing.shadow.version, routing.shadow.percent)
+        ),
+    )
+
+
+def _tenancy_plan(policy: Policy) -> TenancyPlan:
+    spec = policy.tenancy
+    return TenancyPlan(
+        tenants=None if spec.tenants is None else frozenset(spec.tenants),
+        require_tenant=spec.require_tenant,
+        path_template=None if spec.path_template is None else compile_template(spec.path_template),
+        headers=tuple(spec.headers),
+        body_fields=tuple(tuple(f.split(".")) for f in spec.body_fields),
+    )
+
+
 def compile_policy(
     pf: PolicyFile, res: CompileResources, platform: PlatformFile = NO_PLATFORM
 ) -> CompiledPolicy:
     policy = pf.policy
-    jwt_issuers = frozenset(m.jwt.issuer for m in policy.authentication if m.jwt is not None)
+    quotas = platform.platform.quotas.apply(policy.quotas)
+    found = breaches(policy, quotas, platform.platform.floors)
+    if found:
+        raise FloorError(found)
+    rules = tuple(compile_rule(r, i) for i, r in enumerate(policy.authorization.rules))
     key_headers = {
         m.api_key.header for m in policy.authentication if m.api_key and m.api_key.header
     }
@@ -111,20 +215,18 @@ def compile_policy(
         model=policy.model,
         names=frozenset([policy.model, *policy.aliases]),
         file=str(pf.path),
-        versions={v.name: v.cluster for v in policy.versions},
-        default_version=policy.default_version().name,
+        routing=_version_plan(policy),
         authenticators=_authenticators(policy, pf.path.parent, res),
-        jwt_issuers=jwt_issuers,
-        accepts_api_keys=any(m.api_key is not None for m in policy.authentication),
-        rules=tuple(compile_rule(r) for r in policy.authorization.rules),
+        rules=rules,
         allow_any_authenticated=policy.authorization.allow_any_authenticated,
         credential_headers=("authorization", *sorted(key_headers)),
-        quotas=compile_quotas(policy.model, platform.platform.quotas.apply(policy.quotas)),
+        quotas=compile_quotas(policy.model, quotas),
         inspect=compile_input(
             policy.input, pf.path.parent, res.environ, "input" in policy.model_fields_set
         ),
         output=compile_output(policy.output, res.environ),
-        typed_rules=any(r.input_types is not None for r in policy.authorization.rules),
+        typed_rules=any(r.reads_body for r in rules),
+        tenancy=_tenancy_plan(policy),
     )
 
 
@@ -214,8 +316,10 @@ def compile_policy_set(
     for pf in files:
         try:
             compiled.append(compile_policy(pf, res, platform))
-        except (QuotaCompileError, InspectCompileError) as exc:
+        except (QuotaCompileError, InspectCompileError, RuleCompileError) as exc:
             errors.append(PolicyError(str(pf.path), exc.field, str(exc)))
+        except FloorError as exc:
+            errors.extend(PolicyError(str(pf.path), f, m) for f, m in exc.found)
         except ValueError as exc:
             errors.append(PolicyError(str(pf.path), "authentication", str(exc)))
     if errors:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from extproc.authn.base import Authenticator, Identity
+from extproc.authn.base import Authenticator
 from extproc.authz.rules import CompiledRule
+from extproc.authz.tenancy import TenancyPlan
+from extproc.authz.versions import VersionPlan
 from extproc.inspect.plan import NO_INPUT, NO_OUTPUT, InputPlan, OutputPlan
 from extproc.quota.plan import NO_QUOTAS, QuotaPlan
 
@@ -16,11 +18,8 @@ class CompiledPolicy:
     model: str
     names: frozenset[str]  # the model and its aliases, as clients may write them
     file: str
-    versions: Mapping[str, str]  # version name -> Envoy cluster
-    default_version: str
+    routing: VersionPlan  # the versions, and how a request picks one
     authenticators: tuple[Authenticator, ...]
-    jwt_issuers: frozenset[str]
-    accepts_api_keys: bool
     rules: tuple[CompiledRule, ...]
     allow_any_authenticated: bool
     # Every header that can carry a credential for this model: all are removed upstream, not
@@ -31,21 +30,30 @@ class CompiledPolicy:
     output: OutputPlan = NO_OUTPUT
     # Some rule applies only to certain input types: decided once the body is read.
     typed_rules: bool = False
+    tenancy: TenancyPlan = field(default_factory=TenancyPlan)
+
+    @property
+    def versions(self) -> Mapping[str, str]:
+        """Version name -> the Envoy cluster that serves it."""
+        return {name: v.cluster for name, v in self.routing.versions.items()}
+
+    @property
+    def default_version(self) -> str:
+        return self.routing.default
 
     @property
     def needs_body(self) -> bool:
-        return self.inspect.needs_body or self.quotas.needs_body or self.typed_rules
+        return (
+            self.inspect.needs_body
+            or self.quotas.needs_body
+            or self.typed_rules
+            or self.tenancy.needs_body
+        )
 
     @property
     def watches_response(self) -> bool:
         """Envoy must show us the response: for quotas, or for the output rules."""
         return self.quotas.watches_response or self.output.watches_response
-
-    def accepts(self, identity: Identity) -> bool:
-        """Whether this policy accepts the method (and JWT issuer) that produced `identity`."""
-        if identity.method == "api_key":
-            return self.accepts_api_keys
-        return identity.credential_id in self.jwt_issuers
 
 
 @dataclass(frozen=True, slots=True)

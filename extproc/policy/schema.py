@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
 
-from extproc.inspect.schema import Input, InputType, Output
-from extproc.quota.schema import PlatformQuotas, Quotas
+from extproc.inspect.schema import Input, InputType, Output, PiiType
+from extproc.quota.schema import Duration, PlatformQuotas, Quotas
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 ClusterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -22,6 +22,7 @@ HeaderName = Annotated[
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Algorithm = Literal["RS256", "PS256", "ES256", "EdDSA", "HS256"]
 ClaimValue = str | int | bool | list[str | int | bool]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")]
 
 # Headers the gateway owns or Envoy owns: an API key may not be read from them.
 _RESERVED_HEADER = re.compile(r"^(x-gateway-|x-envoy-|:)|^(host|content-length|content-type)$")
@@ -51,9 +52,113 @@ class Route(Strict):
 
 
 class Version(Strict):
-    name: Name
+    name: Name = Field(
+        description="The version's name; read as a semantic version for the ranges credentials "
+        "may carry (`v2` is 2.0.0, `1.4` is 1.4.0)."
+    )
     cluster: ClusterName = Field(description="Envoy cluster that serves this version.")
-    default: bool = Field(default=False, description="Served when the request names no version.")
+    default: bool = Field(
+        default=False,
+        description="The stable version: served when the request names no version and no "
+        "canary weight picks another. Moving `default` to another version is a blue-green switch.",
+    )
+    weight: int = Field(
+        default=0, ge=0, le=100,
+        description="Canary: the percentage of callers (sticky, see routing.sticky_by) served "
+        "this version when they pin none. The default version serves the rest.",
+    )  # fmt: skip
+    fallback: Name | None = Field(
+        default=None,
+        description="When this version's upstream fails (5xx, reset, refused), Envoy retries "
+        "the request once on this version's cluster, if the caller may use it.",
+    )
+    timeout_seconds: float = Field(
+        default=120, gt=0, le=3600, description="Upstream timeout Envoy enforces for this version."
+    )
+    per_try_timeout_seconds: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="Each attempt's timeout; with a fallback, a hung upstream falls back after "
+        "this long (without it, only a failure answer or a refused connection does).",
+    )  # fmt: skip
+    retries: int = Field(
+        default=0, ge=0, le=5,
+        description="Extra attempts Envoy makes on this version's cluster on 5xx, reset or "
+        "refused connections.",
+    )  # fmt: skip
+    tenants: list[NonEmpty] | None = Field(
+        default=None,
+        description="A dedicated version: served only to callers of these tenants; to anyone "
+        "else it does not exist.",
+    )
+
+
+class Shadow(Strict):
+    """Copies of requests sent to a candidate version; its answers are discarded by Envoy."""
+
+    version: Name
+    percent: float = Field(default=100, gt=0, le=100)
+
+
+class Routing(Strict):
+    """How a request finds its version."""
+
+    sticky_by: Literal["principal", "tenant"] = Field(
+        default="principal",
+        description="Canary assignment key: the same caller (or tenant) keeps its version while "
+        "the weights stay.",
+    )
+    pin_header: HeaderName | None = Field(
+        default="x-model-version",
+        description="Request header that pins a version; null turns header pinning off. A "
+        "pinned version must still pass every rule and the credential's version range.",
+    )
+    pin_claim: NonEmpty | None = Field(
+        default=None,
+        description="Token claim (or API key metadata field) that pins a version; it wins over "
+        "the header.",
+    )
+    shadow: Shadow | None = Field(
+        default=None, description="Mirror requests to a candidate version (Envoy mirroring)."
+    )
+
+
+class Tenancy(Strict):
+    """Which tenants may reach this model, and where requests name a tenant."""
+
+    tenants: list[NonEmpty] | None = Field(
+        default=None,
+        description="Only callers of these tenants may reach the model; to anyone else it "
+        "does not exist (404). Any tenant (or none) when absent.",
+    )
+    require_tenant: bool = Field(
+        default=False, description="Refuse callers whose credential names no tenant."
+    )
+    path_template: (
+        Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._~/{}*-]*$", max_length=256)] | None
+    ) = Field(
+        default=None,
+        description="Where the path names a tenant, e.g. `/v1/tenants/{tenant}/`: `{tenant}` "
+        "marks the segment, `*` matches any one segment. A path matching the template must "
+        "name the caller's own tenant.",
+    )
+    headers: list[HeaderName] = Field(
+        default_factory=list,
+        description="Request headers that name a tenant; when present they must name the "
+        "caller's own.",
+    )
+    body_fields: list[
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,7}$")]
+    ] = Field(
+        default_factory=list,
+        description="JSON body fields (dotted paths) that name a tenant; when present they must "
+        "name the caller's own. The body is then read for every request.",
+    )
+
+    @model_validator(mode="after")
+    def _one_placeholder(self) -> Tenancy:
+        if self.path_template is not None and self.path_template.count("{tenant}") != 1:
+            raise ValueError("path_template must contain {tenant} exactly once")
+        return self
 
 
 class JwtClaimNames(Strict):
@@ -75,12 +180,15 @@ class JwtMethod(Strict):
         default=None, description="Static JWKS file, relative to the policy file's directory."
     )
     jwks_url: HttpUrl | None = Field(default=None, description="JWKS URL, fetched and cached.")
-    hs256_secret_env: Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = (
-        Field(
-            default=None,
-            description="Environment variable holding the HS256 secret (at least 32 bytes); "
-            "secrets never live in policy files.",
-        )
+    oidc_discovery: bool = Field(
+        default=False,
+        description="Find the JWKS through the issuer's OpenID Connect discovery document "
+        "(`<issuer>/.well-known/openid-configuration`), whose `issuer` must match exactly.",
+    )
+    hs256_secret_env: EnvName | None = Field(
+        default=None,
+        description="Environment variable holding the HS256 secret (at least 32 bytes); "
+        "secrets never live in policy files.",
     )
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     jwks_ttl_seconds: int = Field(default=300, ge=10, le=86400)
@@ -88,9 +196,15 @@ class JwtMethod(Strict):
 
     @model_validator(mode="after")
     def _one_key_source(self) -> JwtMethod:
-        sources = [s for s in (self.jwks_file, self.jwks_url, self.hs256_secret_env) if s]
+        sources = [
+            s
+            for s in (self.jwks_file, self.jwks_url, self.hs256_secret_env, self.oidc_discovery)
+            if s
+        ]
         if len(sources) != 1:
-            raise ValueError("give exactly one of jwks_file, jwks_url, hs256_secret_env")
+            raise ValueError(
+                "give exactly one of jwks_file, jwks_url, hs256_secret_env, oidc_discovery"
+            )
         hmac_only = set(self.algorithms) == {"HS256"}
         if self.hs256_secret_env and not hmac_only:
             raise ValueError("hs256_secret_env can only be used with algorithms: [HS256]")
@@ -113,16 +227,74 @@ class ApiKeyMethod(Strict):
         return self
 
 
+class IntrospectionMethod(Strict):
+    """Opaque bearer tokens, checked with an OAuth2 introspection endpoint (RFC 7662)."""
+
+    endpoint: HttpUrl = Field(
+        description="The introspection endpoint (https, or http on loopback)."
+    )
+    client_id: NonEmpty
+    client_secret_env: EnvName = Field(
+        description="Environment variable holding the client secret (HTTP Basic)."
+    )
+    issuer: NonEmpty | None = Field(default=None, description="Required `iss`, when given.")
+    audiences: list[NonEmpty] = Field(
+        default_factory=list, description="When given, `aud` must name one of them."
+    )
+    timeout_seconds: float = Field(
+        default=1.0, gt=0, le=5, description="Per call; an endpoint that does not answer is 503."
+    )
+    cache_seconds: int = Field(
+        default=60, ge=0, le=3600,
+        description="Active answers are cached this long at most, and never past the token's "
+        "`exp`; 0 asks the endpoint every time (revocation takes effect at once).",
+    )  # fmt: skip
+    claims: JwtClaimNames = JwtClaimNames()
+
+
+class MtlsMethod(Strict):
+    """The client certificate Envoy verified on the connection (never a header)."""
+
+    trust_domains: list[NonEmpty] = Field(
+        default_factory=list,
+        description="SPIFFE trust domains accepted: the certificate's one URI SAN "
+        "(spiffe://domain/path) becomes the principal.",
+    )
+    subjects: list[NonEmpty] = Field(
+        default_factory=list, description="Exact subjects (RFC 2253, as Envoy reports them)."
+    )
+    tenant_from_path_segment: NonEmpty | None = Field(
+        default=None,
+        description="The SPIFFE path segment after this one names the tenant, e.g. `tenant` "
+        "for spiffe://corp/tenant/acme/svc/x.",
+    )
+
+    @model_validator(mode="after")
+    def _something_accepted(self) -> MtlsMethod:
+        if not self.trust_domains and not self.subjects:
+            raise ValueError("give trust_domains or subjects: whose certificates are accepted")
+        return self
+
+
 class AuthMethod(Strict):
     """One accepted method: exactly one of the keys below."""
 
     jwt: JwtMethod | None = None
     api_key: ApiKeyMethod | None = None
+    introspection: IntrospectionMethod | None = None
+    mtls: MtlsMethod | None = None
+
+    def kind(self) -> str:
+        """The method's name, as rules (`auth_methods`) and floors write it."""
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AuthMethod:
-        if (self.jwt is None) == (self.api_key is None):
-            raise ValueError("each authentication entry needs exactly one of: jwt, api_key")
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "each authentication entry needs exactly one of: jwt, api_key, introspection, mtls"
+            )
         return self
 
 
@@ -135,7 +307,7 @@ class Rule(Strict):
     )
     principals: list[NonEmpty] | None = None
     tenants: list[NonEmpty] | None = None
-    auth_methods: list[Literal["jwt", "api_key"]] | None = None
+    auth_methods: list[Literal["jwt", "api_key", "introspection", "mtls"]] | None = None
     roles_any: list[NonEmpty] | None = None
     roles_all: list[NonEmpty] | None = None
     scopes_any: list[NonEmpty] | None = None
@@ -149,16 +321,24 @@ class Rule(Strict):
         description="Apply only to requests that carry one of these input types (checked "
         "once the body is read), e.g. only some callers may send images.",
     )
+    when: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = Field(
+        default=None,
+        description="A CEL condition over identity, request, now, region and load that must "
+        'also hold, e.g. `now.getHours("Europe/Paris") < 20`.',
+    )
 
     @model_validator(mode="after")
     def _has_condition(self) -> Rule:
         conditions = (
             self.principals, self.tenants, self.auth_methods, self.roles_any, self.roles_all,
-            self.scopes_any, self.scopes_all, self.claims,
+            self.scopes_any, self.scopes_all, self.claims, self.when,
         )  # fmt: skip
         if all(c is None for c in conditions):
             raise ValueError(f"rule {self.name!r} has no condition; it would allow everyone")
-        if any(c is not None and len(c) == 0 for c in (*conditions, self.input_types)):
+        if any(
+            c is not None and not isinstance(c, str) and len(c) == 0
+            for c in (*conditions, self.input_types)
+        ):
             raise ValueError(f"rule {self.name!r} has an empty list, which no caller can satisfy")
         return self
 
@@ -196,6 +376,8 @@ class Policy(Strict):
     quotas: Quotas = Field(default_factory=Quotas, description="How much callers may use.")
     input: Input = Field(default_factory=Input, description="What the model may receive.")
     output: Output = Field(default_factory=Output, description="What may leave the model.")
+    routing: Routing = Field(default_factory=Routing, description="How versions are chosen.")
+    tenancy: Tenancy = Field(default_factory=Tenancy, description="Who owns the model's data.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -205,6 +387,22 @@ class Policy(Strict):
         defaults = [v.name for v in self.versions if v.default]
         if len(defaults) != 1 and len(self.versions) > 1:
             raise ValueError("exactly one version must have default: true")
+        stable = self.default_version()
+        if stable.weight:
+            raise ValueError(f"the default version {stable.name!r} takes the remaining share; "
+                             "give weight only to canary versions")  # fmt: skip
+        if sum(v.weight for v in self.versions) > 100:
+            raise ValueError("canary weights add up to more than 100")
+        for v in self.versions:
+            if v.fallback is not None and (v.fallback not in names or v.fallback == v.name):
+                raise ValueError(f"version {v.name!r}: fallback must name another version")
+            if v.weight and v.tenants is not None:
+                raise ValueError(f"version {v.name!r}: a dedicated version cannot be a canary")
+        if stable.tenants is not None:
+            raise ValueError("the default version must serve every tenant")
+        shadow = self.routing.shadow
+        if shadow is not None and shadow.version not in names:
+            raise ValueError(f"routing.shadow names unknown version {shadow.version!r}")
         for rule in self.authorization.rules:
             unknown = set(rule.versions or ()) - set(names)
             if unknown:
@@ -221,11 +419,73 @@ class Policy(Strict):
         return next((v for v in self.versions if v.default), self.versions[0])
 
 
+AuthMethodName = Literal["jwt", "api_key", "introspection", "mtls"]
+
+
+class QuotaCeiling(Strict):
+    """The most a model may grant per caller: every rule of this kind stays at or below this
+    rate, and every model has at least one such rule (its own or a platform default)."""
+
+    kind: Literal["requests", "concurrency", "cost"]
+    limit: int = Field(ge=1)
+    window: Duration | None = Field(default=None, description="Not for concurrency.")
+
+    @model_validator(mode="after")
+    def _window(self) -> QuotaCeiling:
+        if (self.window is None) != (self.kind == "concurrency"):
+            raise ValueError("give a window for requests and cost ceilings, and only for them")
+        return self
+
+
+class Floors(Strict):
+    """What no model's policy may weaken. A policy that does is refused at load, with an error
+    naming the floor."""
+
+    authentication_methods: list[AuthMethodName] | None = Field(
+        default=None, description="The only methods a model may accept."
+    )
+    require_tenant: bool = Field(
+        default=False, description="Every model must refuse callers without a tenant."
+    )
+    max_body_bytes: int | None = Field(
+        default=None, ge=1, description="No model may take larger request bodies."
+    )
+    injection: Literal["block", "flag", "log"] | None = Field(
+        default=None,
+        description="Every model inspects prompts for injection, acting at least this firmly "
+        "(block > flag > log).",
+    )
+    max_injection_threshold: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="No model may set a higher (laxer) threshold."
+    )
+    pii_block: list[PiiType] = Field(
+        default_factory=list, description="Types every model must refuse in requests."
+    )
+    pii_mask: list[PiiType] = Field(
+        default_factory=list,
+        description="Types every model must mask (or refuse) in requests.",
+    )
+    output_redact: list[PiiType] = Field(
+        default_factory=list,
+        description="Types every model must mask (or withhold) in answers.",
+    )
+    sanitize_errors: bool = Field(
+        default=False, description="No model may turn upstream error sanitising off."
+    )
+    fail_closed: bool = Field(
+        default=False,
+        description="No model may count quotas locally when the shared store fails "
+        "(quotas.on_store_failure: local).",
+    )
+    max_quotas: list[QuotaCeiling] = Field(default_factory=list)
+
+
 class PlatformPolicy(Strict):
     """The platform team's file, `_platform.yaml` beside the models' policies: what applies to
-    every model unless a model's policy says otherwise."""
+    every model unless a model's policy says otherwise, and the floors no policy may weaken."""
 
     description: str = ""
     quotas: PlatformQuotas = Field(
         default_factory=PlatformQuotas, description="Quota defaults for every model."
     )
+    floors: Floors = Field(default_factory=Floors, description="What no model may weaken.")

@@ -5,12 +5,10 @@ compiled once when the policy loads (`compile_cost`), evaluated on the request's
 admission to reserve (`request_facts`), and again on the response's usage to settle
 (`usage_facts`).
 
-CEL comes from `cel-expr-python` (Google's binding of cel-cpp, the implementation Envoy itself
-uses), because it type-checks at compile time: a misspelt variable, `int + string` or a result
-that is not a number is reported with its line and column when the policy loads, not on the
-first request. Macros (`all`, `exists`, `exists_one`, `map`, `filter`, `has`) are switched off:
-the facts are scalars, so a comprehension could only iterate over literals, and without them
-evaluation is linear in the (capped) expression size.
+CEL handling shared with other expression kinds is in `extproc.celx`. Macros (`all`, `exists`,
+`exists_one`, `map`, `filter`, `has`) are switched off: the facts are scalars, so a comprehension
+could only iterate over literals, and without them evaluation is linear in the (capped) expression
+size.
 
 Note CEL does not mix int and double: `prompt_tokens * 1.5` is a compile error; write
 `double(prompt_tokens) * 1.5`. A double result is rounded up.
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -28,9 +25,11 @@ from itertools import islice
 # The wheel ships cel.pyi but no py.typed marker; see the mypy override for cel_expr_python.
 import cel_expr_python.cel as cel
 
+from extproc import celx
+
 Fact = int | float | str | bool
 
-MAX_SOURCE_CHARS = 1_000
+MAX_SOURCE_CHARS = celx.MAX_SOURCE_CHARS
 MAX_COST = 2**40
 # A hostile body must cost bounded time: messages, parts, prompt items and tensor inputs and
 # dimensions visited, all together.
@@ -67,12 +66,6 @@ _CEL_TYPES: dict[str, cel.Type] = {
     "stream": cel.Type.BOOL,
 }
 _NUMBER_TYPES = (cel.Type.INT, cel.Type.UINT, cel.Type.DOUBLE)
-_NO_MACROS = cel.NewEnvConfigFromYaml("stdlib:\n  disable_macros: true\n")
-_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter", "has"})
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_CEL_ERROR = re.compile(r"ERROR: <input>:(-?\d+):(-?\d+): ([^\n]*)")
-_UNDECLARED = re.compile(r"undeclared reference to '([^']*)'")
-_MAX_REPORTED_ERRORS = 3
 
 
 class CostExpressionError(ValueError):
@@ -99,17 +92,11 @@ class CostExpression:
     def evaluate(self, facts: Mapping[str, Fact]) -> int:
         """The cost: rounded up, at least 0 and at most MAX_COST. Raises CostExpressionError."""
         data = {name: facts[name] for name in self._names if name in facts}
-        try:
-            value = self._program.eval(data=data)
-        except Exception as exc:  # anything the library raises must fail closed, never escape
-            raise CostExpressionError(f"evaluation failed: {exc}") from None
-        kind = value.type()
+        value, kind = celx.evaluate(self._program, data, error=CostExpressionError)
         if kind in (cel.Type.INT, cel.Type.UINT):
             number: int = value.value()
         elif kind == cel.Type.DOUBLE:
             number = _ceil(value.value())
-        elif kind == cel.Type.ERROR:
-            raise CostExpressionError(f"evaluation failed: {value.value()}")
         else:
             raise CostExpressionError(f"the result is {kind.name().lower()}, not a number")
         return min(max(number, 0), MAX_COST)
@@ -120,55 +107,32 @@ class CostExpression:
 
 def compile_cost(source: str, variables: frozenset[str]) -> CostExpression:
     """Compile (and type-check) `source`, which may use only the names in `variables`."""
-    if len(source) > MAX_SOURCE_CHARS:
-        raise CostExpressionError(
-            f"the expression is {len(source)} characters long; at most {MAX_SOURCE_CHARS} allowed"
-        )
     env = _environment(variables)
-    try:
-        program = env.compile(source)
-    except Exception as exc:  # the binding raises RuntimeError with cel-cpp's status text
-        raise CostExpressionError(_describe_compile_error(str(exc), variables)) from None
+    program = celx.compile_source(
+        env, source, error=CostExpressionError, hint=functools.partial(_hint, variables)
+    )
     result = program.return_type()
     if not any(result == kind for kind in (*_NUMBER_TYPES, cel.Type.DYN)):
         raise CostExpressionError(
             f"line 1, column 1: the expression gives {result.name().lower()}, "
             "not a number (int, uint or double)"
         )
-    names = variables.intersection(_IDENTIFIER.findall(source))
+    names = variables.intersection(celx.IDENTIFIER.findall(source))
     return CostExpression(source, env, program, names)
 
 
 @functools.lru_cache(maxsize=64)
 def _environment(variables: frozenset[str]) -> cel.Env:
-    for name in variables:
-        if not _IDENTIFIER.fullmatch(name):
-            raise ValueError(f"not a CEL identifier: {name!r}")
-    declared = {name: _CEL_TYPES.get(name, cel.Type.DYN) for name in variables}
-    return cel.NewEnv(config=_NO_MACROS, variables=declared)
+    return celx.environment({name: _CEL_TYPES.get(name, cel.Type.DYN) for name in variables})
 
 
-def _describe_compile_error(status: str, variables: frozenset[str]) -> str:
-    """cel-cpp's multi-line status text as one line: "line L, column C: what; ..."."""
-    errors = _CEL_ERROR.findall(status)
-    if not errors:
-        return status.splitlines()[0] if status else "does not compile"
-    parts = []
-    undeclared: set[str] = set()
-    for line, column, what in errors[:_MAX_REPORTED_ERRORS]:
-        what = re.sub(r"\s*\[[A-Z_]+\]$", "", what.replace(" (in container '')", ""))
-        # Some errors (e.g. nesting deeper than the parser's limit of 32) have no position.
-        where = f"line {line}, column {column}: " if int(line) > 0 else ""
-        parts.append(where + what)
-        undeclared.update(_UNDECLARED.findall(what))
-    if len(errors) > _MAX_REPORTED_ERRORS:
-        parts.append(f"and {len(errors) - _MAX_REPORTED_ERRORS} more errors")
-    message = "; ".join(parts)
-    if undeclared & _MACROS:
-        message += " (macros such as all, exists, map, filter and has are disabled)"
-    if undeclared - _MACROS:
-        message += f" (variables: {', '.join(sorted(variables)) or 'none'})"
-    return message
+def _hint(variables: frozenset[str], undeclared: frozenset[str]) -> str:
+    note = ""
+    if undeclared & celx.MACROS:
+        note += " (macros such as all, exists, map, filter and has are disabled)"
+    if undeclared - celx.MACROS:
+        note += f" (variables: {', '.join(sorted(variables)) or 'none'})"
+    return note
 
 
 def _ceil(number: float) -> int:

@@ -5,20 +5,43 @@ from __future__ import annotations
 import shutil
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 
+from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
 from extproc.demo.stack import Stack, StackConfig
+from extproc.envoy_routes import VersionUpstream
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_stack(root: Path, **config: Any) -> Stack:
-    """The shipped demo policies, copied so their `../.run/demo` paths resolve under `root`."""
+class PolicyStack(Stack):
+    """A stack whose Envoy routes come from its policies' versions (or the upstreams given)."""
+
+    def __init__(
+        self, config: StackConfig, upstreams: Sequence[VersionUpstream] | None = None
+    ) -> None:
+        super().__init__(config)
+        self.upstreams = None if upstreams is None else tuple(upstreams)
+
+    def model_upstreams(self) -> tuple[VersionUpstream, ...]:
+        return super().model_upstreams() if self.upstreams is None else self.upstreams
+
+
+def make_stack(
+    root: Path, *, upstreams: Sequence[VersionUpstream] | None = None, **config: Any
+) -> PolicyStack:
+    """The shipped demo policies, copied so their `../.run/demo` paths resolve under `root`.
+
+    Envoy's routes and fallback clusters are generated from `upstreams`, by default from the
+    versions of the policies in `root / "policies"` (extproc.envoyconf.policy_upstreams)."""
     shutil.copytree(REPO / "policies", root / "policies")
-    return Stack(StackConfig(run_dir=root / ".run", policy_dir=root / "policies", **config))
+    stack_config = StackConfig(run_dir=root / ".run", policy_dir=root / "policies", **config)
+    return PolicyStack(stack_config, upstreams)
 
 
 class Gateway:
@@ -35,6 +58,30 @@ class Gateway:
         self.client = httpx.Client(base_url=stack.gateway_url, verify=self.tls, timeout=10)
         self.h2 = httpx.Client(base_url=stack.gateway_url, verify=self.tls, timeout=10, http2=True)
         self.pods = httpx.Client(timeout=5)
+
+    def admin_channel(self, client_cert: bool = True) -> grpc.Channel:
+        """A channel to the decision server as Envoy has it: with Envoy's client certificate."""
+        pki = self.stack.pki
+        assert pki is not None
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca_cert.read_bytes(),
+            private_key=pki.envoy_client_key.read_bytes() if client_cert else None,
+            certificate_chain=pki.envoy_client_cert.read_bytes() if client_cert else None,
+        )
+        return grpc.secure_channel(
+            f"127.0.0.1:{self.stack.decision_port}",
+            creds,
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+
+    def policy_revision(self) -> admin_pb2.GetPolicyRevisionResponse:
+        """The decision server's active policy revision (admin API)."""
+        with self.admin_channel() as channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            response: admin_pb2.GetPolicyRevisionResponse = stub.GetPolicyRevision(
+                admin_pb2.GetPolicyRevisionRequest(), timeout=5
+            )
+            return response
 
     def jwt(self, **claims: Any) -> str:
         assert self.stack.issuer is not None
@@ -64,6 +111,16 @@ class Gateway:
 
     def received_total(self) -> int:
         return sum(len(self.received(pod)) for pod in self.stack.pod_ports)
+
+    def stop_pod(self, pod: str) -> None:
+        """Stop a demo pod ("chat-v2"): its port is closed until start_pod."""
+        self.stack.procs.pop(f"pod-{pod}").stop()
+
+    def start_pod(self, pod: str) -> None:
+        kind, version = pod.split("-", 1)
+        model = {"chat": "demo-chat", "oip": "iris"}[kind]
+        self.stack._spawn(f"pod-{pod}", self.stack.pod_argv(kind, model, version))
+        self.stack._wait_port(self.stack.pod_ports[pod], f"pod-{pod}")
 
     def clear(self) -> None:
         for pod in self.stack.pod_ports:

@@ -172,25 +172,9 @@ def test_renewed_certificates_are_used_without_restart(two_workers: Gateway) -> 
     gw.await_status(IRIS, IRIS_BODY, {"authorization": f"Bearer {gw.iris_key}"}, 200)
 
 
-def _channel(gw: Gateway, client_cert: bool = True) -> grpc.Channel:
-    """A channel to the decision server as Envoy has it: with Envoy's client certificate."""
-    pki = gw.stack.pki
-    assert pki is not None
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca_cert.read_bytes(),
-        private_key=pki.envoy_client_key.read_bytes() if client_cert else None,
-        certificate_chain=pki.envoy_client_cert.read_bytes() if client_cert else None,
-    )
-    return grpc.secure_channel(
-        f"127.0.0.1:{gw.stack.decision_port}",
-        creds,
-        options=[("grpc.ssl_target_name_override", "localhost")],
-    )
-
-
 def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
     gw = two_workers
-    with _channel(gw) as channel:
+    with gw.admin_channel() as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"),
             timeout=5,
@@ -227,7 +211,7 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
             "demo-chat", "v2", "demo-chat-v2"
         )  # fmt: skip
     # Without a client certificate the server refuses the connection.
-    with _channel(gw, client_cert=False) as anonymous:
+    with gw.admin_channel(client_cert=False) as anonymous:
         with pytest.raises(grpc.RpcError) as info:
             admin_pb2_grpc.AdminStub(anonymous).GetPolicyRevision(
                 admin_pb2.GetPolicyRevisionRequest(), timeout=5
