@@ -379,8 +379,9 @@ def _shipped(template: Template) -> dict[str, Any]:
 def _shipped_filter(template: Template) -> dict[str, Any]:
     listener = _shipped(template)["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    ext: dict[str, Any] = hcm["http_filters"][0]
-    assert ext["name"] == f"envoy.filters.http.{template}", ext["name"]
+    # The decision filter alone; the region header_mutation before it sets one header.
+    name = f"envoy.filters.http.{template}"
+    ext: dict[str, Any] = next(f for f in hcm["http_filters"] if f["name"] == name)
     return ext
 
 

@@ -473,3 +473,34 @@ def test_a_condition_that_does_not_compile_names_file_field_and_position(tmp_pat
     assert error.file.endswith("conditional.yaml")
     assert error.field == "authorization.rules[1].when"
     assert "line 1, column 1" in error.message and "regoin" in error.message
+
+
+QUOTED = f"""
+model: quoted
+routes: [{{path_prefix: /v1/quoted}}]
+versions: [{{name: v1, cluster: q-v1}}]
+authentication:
+{JWT}
+authorization: {{allow_any_authenticated: true}}
+quotas:
+  rules: [{{name: per-tenant, key: [tenant], limit: 2, window: 1m}}]
+"""
+
+
+async def test_a_tenant_cannot_spend_or_see_another_tenants_quota(tmp_path: Path) -> None:
+    env = Env(tmp_path, {"quoted.yaml": QUOTED})
+    acme, globex = env.bearer(tenant="acme"), env.bearer(tenant="globex", sub="gus")
+    for _ in range(2):
+        allowed(await env.decide("/v1/quoted", acme))
+    denied(await env.decide("/v1/quoted", acme), 429)
+    # Naming the other tenant anywhere a client can write changes nothing: quotas are keyed
+    # by the verified identity only.
+    for headers in (
+        {**acme, "x-gateway-tenant": "globex"},
+        {**acme, "x-tenant-id": "globex"},
+    ):
+        denied(await env.decide("/v1/quoted", headers, {"metadata": {"tenant": "globex"}}), 429)
+    # The other tenant's budget is untouched by all of the above.
+    for _ in range(2):
+        allowed(await env.decide("/v1/quoted", globex))
+    denied(await env.decide("/v1/quoted", globex), 429)
