@@ -62,6 +62,31 @@ def _policy_check(args: argparse.Namespace) -> int:
     for policy in current.policies:
         print(f"{policy.file}: ok ({policy.model}, versions {', '.join(sorted(policy.versions))})")
     print(f"revision {current.revision}")
+    if args.envoy_config is not None:
+        return _check_envoy(args.directory, args.envoy_config)
+    return 0
+
+
+def _check_envoy(policy_dir: Path, config_path: Path) -> int:
+    """Whether a rendered Envoy config serves these policies' versions as they say (routes,
+    timeouts, retries, fallbacks, mirrors; pod clusters fit for models)."""
+    import yaml
+
+    from extproc.envoy_routes import check_clusters, check_routes
+    from extproc.envoyconf import policy_upstreams
+
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"{config_path}: cannot read: {exc}", file=sys.stderr)
+        return 1
+    upstreams = policy_upstreams(policy_dir)
+    problems = check_clusters(config, upstreams) + check_routes(config, upstreams)
+    for problem in problems:
+        print(f"{config_path}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{config_path}: ok (routes and clusters fit the policies)")
     return 0
 
 
@@ -96,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy_sub.add_parser("check", help="validate and compile a policy directory")
     check.add_argument("directory", type=Path)
     check.add_argument("--api-keys", type=Path, default=Path(".run/api-keys.json"))
+    check.add_argument(
+        "--envoy-config",
+        type=Path,
+        help="also check that this rendered Envoy config routes every version as the policies "
+        "say (re-render and reload Envoy after a change to versions, timeouts or fallbacks)",
+    )
     check.set_defaults(func=_policy_check)
 
     keys = sub.add_parser("keys", help="manage API keys (only their hashes are stored)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import random
 import signal
 import socket
 import ssl
@@ -33,11 +34,39 @@ PODS = (("chat", "demo-chat", "v1"), ("chat", "demo-chat", "v2"), ("oip", "iris"
 READY_TIMEOUT_SECONDS = 30.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are picked below the kernel's ephemeral range: a port the kernel handed us (bind to 0)
+# is in that range, and before our server binds it an outgoing connection (Envoy to a pod, a
+# client to Envoy) may take it as its local port, which made tests fail with EADDRINUSE.
+_PORT_LOW = 10000
+_PORT_HIGH = max(_PORT_LOW + 1000, _ephemeral_low() - 1)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback TCP port nothing listens on, not handed out before by this process."""
+    pick = random.SystemRandom()
+    for _ in range(500):  # bounded: a busy range falls back to the kernel's choice
+        port = pick.randint(_PORT_LOW, _PORT_HIGH)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def envoy_binary() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from extproc.demo.stack import free_port
 from extproc.parent_death import die_with_parent
 
 START_TIMEOUT = 10.0  # seconds for a server to answer PING
@@ -38,15 +38,8 @@ def valkey_binary() -> Path:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (held open together so they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct ports free on 127.0.0.1 right now (see extproc.demo.stack.free_port)."""
+    return [free_port() for _ in range(count)]
 
 
 class ValkeyNode:

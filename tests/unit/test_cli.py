@@ -91,3 +91,27 @@ def test_shared_quota_stores_allow_several_workers(url: str) -> None:
 
     settings = from_env({"EXTPROC_INSECURE": "1"}, quota_store=url, workers=2)
     assert settings.validate() == []
+
+
+def test_policy_check_compares_a_rendered_envoy_config_with_the_policies(
+    demo_policies: Path, tmp_path: Path
+) -> None:
+    from extproc.envoyconf import EnvoyValues, policy_upstreams, render
+
+    values = EnvoyValues(
+        listen_address="127.0.0.1", listen_port=1, admin_port=2, decision_host="127.0.0.1",
+        decision_port=3, sds_dir=tmp_path, access_log_path=tmp_path / "access.log",
+        chat_v1_port=4, chat_v2_port=5, oip_v1_port=6,
+        upstreams=policy_upstreams(demo_policies),
+    )  # fmt: skip
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render("ext_proc", values))
+    result = run("policy", "check", str(demo_policies), "--envoy-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "routes and clusters fit the policies" in result.stdout
+    # A policy change Envoy was not re-rendered for: v2 loses its timeout agreement.
+    chat = demo_policies / "demo-chat.yaml"
+    chat.write_text(chat.read_text().replace("    fallback: v1", "    timeout_seconds: 30"))
+    result = run("policy", "check", str(demo_policies), "--envoy-config", str(config))
+    assert result.returncode == 1
+    assert "demo-chat-v2" in result.stderr and "Traceback" not in result.stderr
