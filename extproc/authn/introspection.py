@@ -57,6 +57,15 @@ from extproc.authn.base import (
     PeerCertificate,
     bearer_token,
 )
+from extproc.authn.claims import (
+    CredentialError,
+    audience_accepted,
+    claim_set,
+    numeric_date,
+    principal,
+    strict_json_object,
+    tenant,
+)
 from extproc.authn.http_fetch import (
     FetchError,
     StatusError,
@@ -65,6 +74,7 @@ from extproc.authn.http_fetch import (
     read_bounded,
     require_https,
 )
+from extproc.authn.outcome_cache import OutcomeCache
 
 logger = logging.getLogger(__name__)
 
@@ -96,48 +106,6 @@ def looks_like_jwt(token: str) -> bool:
     except ValueError:  # binascii.Error, UnicodeDecodeError and JSONDecodeError
         return False
     return isinstance(decoded, dict)
-
-
-class _Rejected(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class _ExpiringCache:
-    """Bounded map from token digest to outcome, each entry with its own expiry.
-
-    Insertion-ordered dict: when full, the oldest entry goes (as in jwt.py's cache).
-    """
-
-    __slots__ = ("_capacity", "_entries")
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._entries: dict[bytes, tuple[float, Identity | AuthnFailure]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: bytes, now: float) -> Identity | AuthnFailure | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry[0]:
-            del self._entries[key]
-            return None
-        return entry[1]
-
-    def put(self, key: bytes, outcome: Identity | AuthnFailure, until: float, now: float) -> None:
-        if until <= now or self._capacity <= 0:
-            return
-        entries = self._entries
-        if key in entries:
-            del entries[key]
-        elif len(entries) >= self._capacity:
-            del entries[next(iter(entries))]
-        entries[key] = (until, outcome)
 
 
 class IntrospectionAuthenticator:
@@ -212,8 +180,8 @@ class IntrospectionAuthenticator:
         self._clock = clock
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._active = _ExpiringCache(cache_size)
-        self._rejected = _ExpiringCache(inactive_cache_size)
+        self._active = OutcomeCache(cache_size)
+        self._rejected = OutcomeCache(inactive_cache_size)
         self._inflight: dict[bytes, asyncio.Task[Identity | AuthnFailure]] = {}
         self._unavailable_until = -math.inf
         self._config_error_logged = False
@@ -317,29 +285,27 @@ class IntrospectionAuthenticator:
             return _failure("token_inactive", "the token is not active")
         try:
             return self._identity(response, now)
-        except _Rejected as exc:
+        except CredentialError as exc:
             return _failure(exc.reason, exc.detail)
 
     def _identity(self, response: Mapping[str, Any], now: float) -> Identity:
-        exp = _numeric(response, "exp")
+        exp = numeric_date(response, "exp")
         if exp is not None and now >= exp + self._leeway:
-            raise _Rejected("token_expired", "the token has expired")
-        nbf = _numeric(response, "nbf")
+            raise CredentialError("token_expired", "the token has expired")
+        nbf = numeric_date(response, "nbf")
         if nbf is not None and now + self._leeway < nbf:
-            raise _Rejected("token_not_yet_valid", "the token is not valid yet")
+            raise CredentialError("token_not_yet_valid", "the token is not valid yet")
         if self._issuer is not None and response.get("iss") != self._issuer:
-            raise _Rejected("unknown_issuer", "the token's issuer is not trusted")
-        if self._audiences:
-            _check_audience(response.get("aud"), self._audiences)
-        principal = response.get(self._principal_claim)
-        if not isinstance(principal, str) or not principal:
-            raise _Rejected("missing_claim", "the token does not name its subject")
+            raise CredentialError("unknown_issuer", "the token's issuer is not trusted")
+        # Here a missing or malformed `aud` is just not this audience.
+        if self._audiences and not audience_accepted(response.get("aud"), self._audiences):
+            raise CredentialError("wrong_audience", "the token is not meant for this service")
         return Identity(
-            principal=principal,
+            principal=principal(response, self._principal_claim),
             method="introspection",
-            tenant=_tenant(response, self._tenant_claim),
-            roles=_claim_set(response, self._roles_claim),
-            scopes=_claim_set(response, self._scopes_claim),
+            tenant=tenant(response, self._tenant_claim),
+            roles=claim_set(response, self._roles_claim),
+            scopes=claim_set(response, self._scopes_claim),
             claims=MappingProxyType(dict(response)),
             credential_header="authorization",
             expires_at=exp,
@@ -398,66 +364,8 @@ def _audience_set(audiences: Collection[str]) -> frozenset[str]:
     return result
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # `{"active": false, "active": true}` must not be read either way.
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate member")
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(
-            body, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError, our duplicate check
-        raise FetchError("the response is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise FetchError("the response is not a JSON object")
-    return value
-
-
-def _numeric(response: Mapping[str, Any], name: str) -> float | None:
-    value = response.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _Rejected("invalid_claim", f"the token's {name} is not a NumericDate")
-    return float(value)
-
-
-def _check_audience(aud: object, audiences: frozenset[str]) -> None:
-    if isinstance(aud, str):
-        accepted = aud in audiences
-    elif isinstance(aud, list) and all(isinstance(item, str) for item in aud):
-        accepted = not audiences.isdisjoint(aud)
-    else:
-        accepted = False  # missing or malformed
-    if not accepted:
-        raise _Rejected("wrong_audience", "the token is not meant for this service")
-
-
-def _tenant(response: Mapping[str, Any], name: str | None) -> str | None:
-    if name is None or response.get(name) is None:
-        return None
-    tenant = response[name]
-    if not isinstance(tenant, str) or not tenant:
-        raise _Rejected("invalid_claim", "the token's tenant is not a non-empty string")
-    return tenant
-
-
-def _claim_set(response: Mapping[str, Any], name: str | None) -> frozenset[str]:
-    """Roles or scopes: a space-separated string (RFC 7662 `scope`) or a list of strings."""
-    if name is None or response.get(name) is None:
-        return frozenset()
-    value = response[name]
-    if isinstance(value, str):
-        return frozenset(value.split())
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return frozenset(value)
-    raise _Rejected("invalid_claim", f"the token's {name} is not a string or list of strings")
+        return strict_json_object(body)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, a duplicate member, not an object
+        raise FetchError("the response is not a valid JSON object") from None

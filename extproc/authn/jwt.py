@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import math
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -35,6 +33,15 @@ from extproc.authn.base import (
     PeerCertificate,
     bearer_token,
 )
+from extproc.authn.claims import (
+    CredentialError,
+    audience_accepted,
+    claim_set,
+    numeric_date,
+    principal,
+    strict_json_object,
+    tenant,
+)
 from extproc.authn.jwks import (
     SUPPORTED_ALGORITHMS,
     HmacSecret,
@@ -42,6 +49,7 @@ from extproc.authn.jwks import (
     b64url_decode_strict,
     key_matches_alg,
 )
+from extproc.authn.outcome_cache import OutcomeCache
 
 # Three base64url segments; the signature may be empty so that `alg: none` tokens are still
 # recognised as JWTs (and rejected) instead of being handed to the API-key method.
@@ -66,17 +74,8 @@ NEGATIVE_CACHE_SECONDS = 5.0
 _UNCACHEABLE_REASONS = frozenset({"unknown_kid", "missing_kid", "token_not_yet_valid"})
 
 
-class JwtError(Exception):
-    """Verification failed. `reason` is a stable code; `detail` is safe to show the client."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-# ---------------------------------------------------------------------------------------------
-# JWS layer
+# Verification failed; `reason` is a stable code, `detail` is safe to show the client.
+JwtError = CredentialError
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,29 +146,11 @@ def _b64(segment: str) -> bytes:
         raise JwtError("malformed_token", "the token is not valid base64url") from None
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Parsers disagree on which duplicate wins; a token relying on that is refused.
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate member")
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON; `"exp": Infinity` must not mean "never expires".
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(
-            raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
+        return strict_json_object(raw)
     except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
-        raise JwtError("malformed_token", f"the token {what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise JwtError("malformed_token", f"the token {what} is not a JSON object")
-    return value
+        raise JwtError("malformed_token", f"the token {what} is not a valid JSON object") from None
 
 
 def _check_header(header: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -256,42 +237,6 @@ def _string_set(value: object, what: str) -> frozenset[str]:
     return result
 
 
-class _OutcomeCache:
-    """Bounded map from token digest to outcome, each entry with its own expiry.
-
-    Insertion-ordered dict: when full, the oldest entry goes. No LRU bookkeeping, so a hit
-    is one dict lookup and one comparison.
-    """
-
-    __slots__ = ("_capacity", "_entries")
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._entries: dict[bytes, tuple[float, Identity | AuthnFailure]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: bytes, now: float) -> Identity | AuthnFailure | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry[0]:
-            del self._entries[key]
-            return None
-        return entry[1]
-
-    def put(self, key: bytes, outcome: Identity | AuthnFailure, until: float, now: float) -> None:
-        if until <= now or self._capacity <= 0:
-            return
-        entries = self._entries
-        if key in entries:
-            del entries[key]
-        elif len(entries) >= self._capacity:
-            del entries[next(iter(entries))]
-        entries[key] = (until, outcome)
-
-
 class JwtAuthenticator:
     """Authenticates `Authorization: Bearer <JWT>` against the configured issuers."""
 
@@ -312,9 +257,9 @@ class JwtAuthenticator:
         # Before the issuer is known only the most generous limit can be applied.
         self._max_token_bytes = max(issuer.max_token_bytes for issuer in issuers)
         self._clock = clock
-        self._verified = _OutcomeCache(cache_size)
+        self._verified = OutcomeCache(cache_size)
         # Separate and smaller, so a flood of garbage tokens cannot evict verified identities.
-        self._rejected = _OutcomeCache(max(1, cache_size // 10))
+        self._rejected = OutcomeCache(max(1, cache_size // 10))
 
     @property
     def method(self) -> AuthMethod:
@@ -399,15 +344,12 @@ def _failure(reason: str, detail: str) -> AuthnFailure:
 def _identity(issuer: JwtIssuer, claims: dict[str, Any], now: float) -> Identity:
     exp = _check_times(claims, issuer.leeway_seconds, now)
     _check_audience(claims, issuer.audiences)
-    principal = claims.get(issuer.principal_claim)
-    if not isinstance(principal, str) or not principal:
-        raise JwtError("missing_claim", "the token does not name its subject")
     return Identity(
-        principal=principal,
+        principal=principal(claims, issuer.principal_claim),
         method="jwt",
-        tenant=_tenant(claims, issuer.tenant_claim),
-        roles=_claim_set(claims, issuer.roles_claim),
-        scopes=_claim_set(claims, issuer.scopes_claim),
+        tenant=tenant(claims, issuer.tenant_claim),
+        roles=claim_set(claims, issuer.roles_claim),
+        scopes=claim_set(claims, issuer.scopes_claim),
         claims=MappingProxyType(claims),
         credential_header="authorization",
         expires_at=exp,
@@ -417,61 +359,26 @@ def _identity(issuer: JwtIssuer, claims: dict[str, Any], now: float) -> Identity
 
 def _check_times(claims: Mapping[str, Any], leeway: int, now: float) -> float:
     """Check exp, nbf and iat; returns exp."""
-    exp = _numeric_claim(claims, "exp")
+    exp = numeric_date(claims, "exp")
     if exp is None:
         raise JwtError("missing_claim", "the token has no expiry")
     if now >= exp + leeway:
         raise JwtError("token_expired", "the token has expired")
-    nbf = _numeric_claim(claims, "nbf")
+    nbf = numeric_date(claims, "nbf")
     if nbf is not None and now + leeway < nbf:
         raise JwtError("token_not_yet_valid", "the token is not valid yet")
-    iat = _numeric_claim(claims, "iat")
+    iat = numeric_date(claims, "iat")
     if iat is not None and iat > now + leeway:
         raise JwtError("token_not_yet_valid", "the token was issued in the future")
     return exp
-
-
-def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    # bool is an int in Python; `"exp": true` is not a time.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise JwtError("invalid_claim", f"the token's {name} is not a NumericDate")
-    return float(value)
 
 
 def _check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> None:
     aud = claims.get("aud")
     if aud is None:
         raise JwtError("missing_claim", "the token has no audience")
-    if isinstance(aud, str):
-        accepted = aud in audiences
-    elif isinstance(aud, list) and all(isinstance(item, str) for item in aud):
-        accepted = not audiences.isdisjoint(aud)
-    else:
+    accepted = audience_accepted(aud, audiences)
+    if accepted is None:
         raise JwtError("invalid_claim", "the token's audience is not a string or list of strings")
     if not accepted:
         raise JwtError("wrong_audience", "the token is not meant for this service")
-
-
-def _tenant(claims: Mapping[str, Any], name: str | None) -> str | None:
-    if name is None or claims.get(name) is None:
-        return None
-    tenant = claims[name]
-    if not isinstance(tenant, str) or not tenant:
-        # A tenant that is a number or empty would compare unpredictably in authorization.
-        raise JwtError("invalid_claim", "the token's tenant is not a non-empty string")
-    return tenant
-
-
-def _claim_set(claims: Mapping[str, Any], name: str | None) -> frozenset[str]:
-    """Roles or scopes: a space-separated string (RFC 8693 `scope`) or a list of strings."""
-    if name is None or claims.get(name) is None:
-        return frozenset()
-    value = claims[name]
-    if isinstance(value, str):
-        return frozenset(value.split())
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return frozenset(value)
-    raise JwtError("invalid_claim", f"the token's {name} claim is not a string or list of strings")

@@ -35,6 +35,10 @@ class CompiledRule:
         return self.versions is None or version in self.versions
 
     @property
+    def reads_cost(self) -> bool:
+        return self.condition is not None and "request.cost" in self.condition.variables
+
+    @property
     def reads_body(self) -> bool:
         """Decided once the body is read: scoped to input types, or a condition reads them."""
         return self.input_types is not None or (

@@ -127,6 +127,15 @@ def _usable(
     )
 
 
+def _cluster_if_usable(
+    policy: CompiledPolicy, identity: Identity, ctx: RequestContext, spec: VersionSpec | None
+) -> str | None:
+    """The version's cluster when this caller could be served it (fallback, shadow)."""
+    if spec is None or not _usable(policy, identity, ctx, spec):
+        return None
+    return spec.cluster
+
+
 def unknown_version() -> Deny:
     return bad_request(
         "unknown_version", "the requested model version does not exist", "unknown_version",
@@ -159,20 +168,15 @@ def authorize(policy: CompiledPolicy, identity: Identity, ctx: RequestContext) -
             denial = version_denial(policy, identity, ctx, spec.name)
             if denial is not None:
                 return denial
-    fallback = routing.versions.get(spec.fallback) if spec.fallback else None
-    shadow_name = routing.shadow_for(ctx.decision_id)
-    shadow = routing.versions.get(shadow_name) if shadow_name else None
+    fallback = routing.versions.get(spec.fallback or "")
+    shadow = routing.versions.get(routing.shadow_for(ctx.decision_id) or "")
     return Allow(
         identity, policy.model, policy.model, spec.name, spec.cluster, policy.credential_headers,
         strip_headers=ACCEPT_ENCODING if policy.output.transforms_body else (),
         output=policy.output,
-        fallback_cluster=(
-            fallback.cluster if _usable(policy, identity, ctx, fallback) and fallback else None
-        ),
+        fallback_cluster=_cluster_if_usable(policy, identity, ctx, fallback),
         mirror_cluster=(
-            shadow.cluster
-            if shadow is not None and shadow is not spec and _usable(policy, identity, ctx, shadow)
-            else None
+            None if shadow is spec else _cluster_if_usable(policy, identity, ctx, shadow)
         ),
     )  # fmt: skip
 

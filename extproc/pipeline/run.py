@@ -96,12 +96,9 @@ class DecisionCore:
         policy = route.owner
         if policy is None:
             return NeedBody(identity, route)
-        decision = authorize(policy, identity, ctx)
+        decision = authorize_headers(policy, identity, ctx)
         if isinstance(decision, Deny):
             return decision
-        violation = check_headers(ctx.headers, policy.inspect.limits)
-        if violation is not None:
-            return refused_input(violation)
         if policy.needs_body or narrows_input_types(identity.claims):
             return NeedBody(identity, route, allow=decision)
         if not policy.quotas.active:
@@ -153,7 +150,7 @@ class DecisionCore:
         elif wants_types and decoded:
             types = frozenset(input_types(doc))
         cost = 0
-        if policy.typed_rules and isinstance(doc, dict):
+        if policy.rules_read_cost and isinstance(doc, dict):
             # What a `when:` condition sees as request.cost: the tokens it may use at most.
             est = request_facts(doc, len(decoded))
             cost = int(est["prompt_tokens"]) + int(est["max_tokens"]) * max(int(est["n"]), 1)
@@ -215,12 +212,9 @@ class DecisionCore:
                     "method_not_accepted", "this credential is not accepted for this model"
                 )
             identity = again
-        decision = authorize(policy, identity, ctx)
+        decision = authorize_headers(policy, identity, ctx)
         if isinstance(decision, Deny):
             return decision
-        violation = check_headers(ctx.headers, policy.inspect.limits)
-        if violation is not None:
-            return refused_input(violation)
         return policy, decision, body
 
     async def _admit(
@@ -252,6 +246,15 @@ class DecisionCore:
             return outcome
         outcome.strip_usage = strip_usage
         return dataclasses.replace(allow, admission=outcome, body=new_body)
+
+
+def authorize_headers(policy: CompiledPolicy, identity: Identity, ctx: RequestContext) -> Decision:
+    """Authorized, and nothing in the headers refuses the input (size, type, encoding)."""
+    decision = authorize(policy, identity, ctx)
+    if isinstance(decision, Deny):
+        return decision
+    violation = check_headers(ctx.headers, policy.inspect.limits)
+    return decision if violation is None else refused_input(violation)
 
 
 def unreadable_encoding() -> Violation:

@@ -226,6 +226,7 @@ def compile_policy(
         ),
         output=compile_output(policy.output, res.environ),
         typed_rules=any(r.reads_body for r in rules),
+        rules_read_cost=any(r.reads_cost for r in rules),
         tenancy=_tenancy_plan(policy),
     )
 

@@ -30,6 +30,8 @@ class CompiledPolicy:
     output: OutputPlan = NO_OUTPUT
     # Some rule applies only to certain input types: decided once the body is read.
     typed_rules: bool = False
+    # Some `when:` condition reads request.cost: estimated from the body only then.
+    rules_read_cost: bool = False
     tenancy: TenancyPlan = field(default_factory=TenancyPlan)
 
     @property

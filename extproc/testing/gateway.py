@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,14 @@ class Gateway:
     def close(self) -> None:
         for client in (self.client, self.h2, self.pods):
             client.close()
+
+
+@contextlib.contextmanager
+def running(stack: Stack) -> Iterator[Gateway]:
+    """The stack started with a Gateway on it; stopped and closed however the block ends."""
+    gw = Gateway(stack)
+    try:
+        with stack:
+            yield gw
+    finally:
+        gw.close()

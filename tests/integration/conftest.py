@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc.testing.gateway import Gateway, make_stack
+from extproc.testing.gateway import Gateway, make_stack, running
 
 
 @pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
@@ -14,12 +14,8 @@ def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     stack = make_stack(tmp_path_factory.mktemp(request.param), mode=request.param)
-    gw = Gateway(stack)
-    try:
-        with stack:
-            yield gw
-    finally:
-        gw.close()
+    with running(stack) as gw:
+        yield gw
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from extproc.testing.gateway import Gateway, make_stack
+from extproc.testing.gateway import Gateway, make_stack, running
 
 CHAT = "/v1/chat/completions"
 IRIS = "/v2/models/iris/infer"
@@ -58,12 +58,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     stack = make_stack(root, mode="ext_proc", workers=1)
     (root / "policies" / "lab-chat.yaml").write_text(yaml.safe_dump(LAB_POLICY))
     (root / "policies" / "lean.yaml").write_text(yaml.safe_dump(LEAN_POLICY))
-    gw = Gateway(stack)
-    try:
-        with stack:
-            yield gw
-    finally:
-        gw.close()
+    with running(stack) as gw:
+        yield gw
 
 
 @pytest.fixture

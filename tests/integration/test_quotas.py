@@ -23,7 +23,7 @@ from extproc.pipeline.run import DecisionCore
 from extproc.policy.store import PolicyStore
 from extproc.quota.admit import QuotaEngine
 from extproc.quota.valkey import ValkeyStore
-from extproc.testing.gateway import Gateway, make_stack
+from extproc.testing.gateway import Gateway, make_stack, running
 from extproc.testing.valkey import ValkeyCluster, ValkeyNode, valkey_cluster, valkey_server
 
 CHAT = "/v1/chat/completions"
@@ -129,12 +129,8 @@ def gw(
     (root / "policies" / "_platform.yaml").unlink()
     for model, quotas in POLICIES.items():
         (root / "policies" / f"{model}.yaml").write_text(yaml.safe_dump(policy(model, quotas)))
-    gateway = Gateway(stack)
-    try:
-        with stack:
-            yield gateway
-    finally:
-        gateway.close()
+    with running(stack) as gateway:
+        yield gateway
 
 
 def keyed(key: str) -> dict[str, str]:

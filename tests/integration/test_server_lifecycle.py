@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
 from extproc.demo.issuer import ensure_demo_issuer
 from extproc.demo.stack import free_port
-from extproc.testing.gateway import REPO, Gateway, make_stack
+from extproc.testing.gateway import REPO, Gateway, make_stack, running
 from extproc.tls import renew_certs
 
 IRIS = "/v2/models/iris/infer"
@@ -37,12 +37,8 @@ IRIS_BODY = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     # Several workers share their quota counters (the demo policies have quotas) in valkey.
     stack = make_stack(tmp_path_factory.mktemp("workers"), workers=2, valkey_port=0)
-    gw = Gateway(stack)
-    try:
-        with stack:
-            yield gw
-    finally:
-        gw.close()
+    with running(stack) as gw:
+        yield gw
 
 
 def _access_log(path: Path) -> list[dict[str, object]]:

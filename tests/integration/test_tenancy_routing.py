@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from extproc.demo.stack import free_port
-from extproc.testing.gateway import Gateway, make_stack
+from extproc.testing.gateway import Gateway, make_stack, running
 from extproc.tls import CLIENT_TRUST_DOMAIN, DEMO_CLIENT_SPIFFE_ID
 
 CHAT = "/v1/chat/completions"
@@ -180,12 +180,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, introspection: int) -> Ite
     }
     for name, doc in {**POLICIES, **extra}.items():
         (root / "policies" / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    gw = Gateway(stack)
-    try:
-        with stack:
-            yield gw
-    finally:
-        gw.close()
+    with running(stack) as gw:
+        yield gw
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import yaml
 
 from extproc.demo.pods import start_pod
 from extproc.envoy_routes import VersionUpstream, selection_key
-from extproc.testing.gateway import Gateway, make_stack
+from extproc.testing.gateway import Gateway, make_stack, running
 
 CHAT = "/v1/chat/completions"
 CANARY = selection_key("demo-chat-v2", fallback="demo-chat-v1")
@@ -61,12 +61,8 @@ def routing(
     root = tmp_path_factory.mktemp(f"routing-{request.param}")
     stack = make_stack(root, mode=request.param, upstreams=UPSTREAMS)
     _add_versions(stack.config.policy_dir)
-    gw = Gateway(stack)
-    try:
-        with stack:
-            yield gw
-    finally:
-        gw.close()
+    with running(stack) as gw:
+        yield gw
 
 
 @pytest.fixture
