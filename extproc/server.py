@@ -12,6 +12,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
 import grpc
@@ -41,6 +43,28 @@ SERVICES = (
     "extproc.admin.v1.Admin",
 )
 KEY_WARM_TIMEOUT_SECONDS = 5.0
+
+
+class _EarlySignals:
+    """Stop and reload signals that arrive while a worker starts, before its event loop
+    handles them: a SIGTERM then must end the worker cleanly, not kill it mid-import."""
+
+    stop = False
+    reload = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGTERM, cls._on_stop)
+        signal.signal(signal.SIGINT, cls._on_stop)
+        signal.signal(signal.SIGHUP, cls._on_reload)
+
+    @classmethod
+    def _on_stop(cls, _signum: int, _frame: object) -> None:
+        cls.stop = True
+
+    @classmethod
+    def _on_reload(cls, _signum: int, _frame: object) -> None:
+        cls.reload = True
 
 
 def _read(path: Path) -> bytes:
@@ -161,6 +185,10 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
+    if _EarlySignals.stop:
+        stop.set()
+    if _EarlySignals.reload:
+        reload_now()
     watchers = [asyncio.create_task(api_keys.watch())]
     if settings.policy_watch_seconds > 0:
         watchers.append(asyncio.create_task(store.watch(settings.policy_watch_seconds)))
@@ -190,6 +218,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
 
 
 def run_worker(settings: Settings) -> None:
+    _EarlySignals.install()
     configure_logging(settings.log_level)
     try:
         import uvloop  # optional: 10 to 20 % faster here (DESIGN.md)
@@ -215,9 +244,37 @@ def run(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _run_supervised_worker(settings: Settings, supervisor_pid: int) -> None:
+def _run_supervised_worker(
+    settings: Settings, supervisor_pid: int, handles_signals: ProcessEvent
+) -> None:
     die_with_parent(supervisor_pid)  # a killed supervisor must not leave workers serving on
+    _EarlySignals.install()
+    handles_signals.set()
     run_worker(settings)
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    # Set by the worker once its own handlers are in place. Until then a forwarded SIGTERM
+    # would kill it with the default action (exit -15), so signals wait in `pending`.
+    handles_signals: ProcessEvent
+    pending: list[int] = field(default_factory=list)
+    stop_sent: bool = False
+
+    def request_stop(self) -> None:
+        if not self.stop_sent:
+            self.stop_sent = True
+            self.pending.append(signal.SIGTERM)
+
+    def deliver(self) -> None:
+        if not self.pending or not self.handles_signals.is_set():
+            return
+        pid = self.process.pid
+        if pid is not None and self.process.is_alive():
+            for signum in self.pending:
+                os.kill(pid, signum)
+        self.pending.clear()
 
 
 def _supervise(settings: Settings) -> int:
@@ -226,32 +283,37 @@ def _supervise(settings: Settings) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
-    def spawn() -> multiprocessing.process.BaseProcess:
-        return ctx.Process(target=_run_supervised_worker, args=(settings, os.getpid()))
+    def spawn() -> _Worker:
+        ready = ctx.Event()
+        process = ctx.Process(target=_run_supervised_worker, args=(settings, os.getpid(), ready))
+        process.start()
+        return _Worker(process, ready)
 
-    workers = [spawn() for _ in range(settings.workers)]
-    for w in workers:
-        w.start()
+    workers: list[_Worker] = []
 
     def _forward(signum: int, _frame: object) -> None:
         for w in workers:
-            if w.pid is not None and w.is_alive():
-                os.kill(w.pid, signum)
+            w.pending.append(signum)
+            w.deliver()
 
-    def _stop(signum: int, frame: object) -> None:
+    def _stop(_signum: int, _frame: object) -> None:
+        # The loop below asks every worker to stop, also one spawned while this ran.
         nonlocal stopping
         stopping = True
-        _forward(signum, frame)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     # SIGHUP reloads policies in every worker (and must not end the supervisor).
     signal.signal(signal.SIGHUP, _forward)
+    workers.extend(spawn() for _ in range(settings.workers))
     restarts: list[float] = []
     while True:
         for i, w in enumerate(workers):
-            w.join(timeout=0.2)
-            if w.is_alive() or stopping:
+            if stopping:
+                w.request_stop()
+            w.deliver()
+            w.process.join(timeout=0.2)
+            if w.process.is_alive() or stopping:
                 continue
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < 60] + [now]
@@ -259,8 +321,7 @@ def _supervise(settings: Settings) -> int:
                 log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
                 _stop(signal.SIGTERM, None)
                 break
-            log.error("worker %d exited with %s; restarting it", w.pid, w.exitcode)
+            log.error("worker %d exited with %s; restarting it", w.process.pid, w.process.exitcode)
             workers[i] = spawn()
-            workers[i].start()
-        if stopping and all(not w.is_alive() for w in workers):
-            return 0 if all(w.exitcode == 0 for w in workers) else 1
+        if stopping and all(not w.process.is_alive() for w in workers):
+            return 0 if all(w.process.exitcode == 0 for w in workers) else 1

@@ -129,6 +129,38 @@ def test_shutdown_lets_in_flight_streams_finish(two_workers: Gateway) -> None:
         gw.stack.start_decision_server()
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has its own handler for `signum` (Linux: SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_while_workers_start_is_a_clean_exit(two_workers: Gateway) -> None:
+    """SIGTERM as soon as the supervisor handles it, while its workers are still importing:
+    they must not die of the default action (the supervisor then exits 1); they start, see the
+    stop, and exit 0."""
+    stack = two_workers.stack
+    stack.stop_decision_server()
+    try:
+        proc = stack._spawn("decision-server", stack.decision_server_argv(), stack.config.env)
+        deadline = time.monotonic() + 20
+        while not _catches(proc.popen.pid, signal.SIGTERM):
+            assert proc.popen.poll() is None, proc.tail()
+            assert time.monotonic() < deadline, "the supervisor never installed its handler"
+            time.sleep(0.005)
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(30) == 0, proc.tail()
+    finally:
+        stack.stop_decision_server()
+        stack.start_decision_server()
+    two_workers.await_status(
+        IRIS, IRIS_BODY, {"authorization": f"Bearer {two_workers.iris_key}"}, 200, within=15
+    )
+
+
 def _decision_server_serial(gw: Gateway) -> int:
 
     pki = gw.stack.pki
