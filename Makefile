@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTO_OUT := extproc/_proto
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: all run test lint typecheck bench proto clean
+.PHONY: all run test lint typecheck bench proto clean docs
 
 all: test
 
@@ -39,6 +39,10 @@ test: proto
 	$(VENV)/bin/ruff check extproc tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+# The policy JSON Schemas (schema/) and reference (docs/policy-reference.md), from the models.
+docs: $(STAMP)
+	$(PY) -m extproc policy schema
 
 run: proto
 	$(PY) -m extproc.demo.run

@@ -53,6 +53,7 @@ from bench.loadgen import LoadResult, build_loadgen, process_tree, run_load
 from extproc.authn.apikey import write_key_file
 from extproc.demo.issuer import ensure_demo_issuer
 from extproc.envoyconf import EnvoyValues, Template, render
+from extproc.testing.otlp_receiver import OtlpReceiver
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -83,7 +84,9 @@ STOP_TIMEOUT_S = 10.0
 PROBE_RETRYABLE = frozenset({500, 502, 503, 504})  # the decision server is not reachable yet
 
 Api = Literal["ext_proc", "ext_authz"]
-ServerKind = Literal["empty", "pipeline", "quota", "quota_leased", "inspect", "respond"]
+ServerKind = Literal[
+    "empty", "pipeline", "quota", "quota_leased", "inspect", "respond", "telemetry"
+]
 
 
 class BenchError(RuntimeError):
@@ -177,6 +180,13 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("envoy_alone", None, None, "Envoy direct_response, no external filter"),
     Configuration("ext_proc_empty", "ext_proc", "empty", "ext_proc -> empty server"),
     Configuration("ext_proc_pipeline", "ext_proc", "pipeline", "ext_proc -> decision server"),
+    Configuration(
+        "ext_proc_telemetry",
+        "ext_proc",
+        "telemetry",
+        "ext_proc -> decision server with telemetry on: Prometheus metrics, hash-chained audit "
+        "log, every request traced over OTLP (to a receiver in the bench process)",
+    ),
     Configuration(
         "ext_proc_quota", "ext_proc", "quota", "ext_proc -> decision server + valkey quotas"
     ),
@@ -629,6 +639,7 @@ def start_server(
     workers: int,
     policy_dir: Path,
     quota_store: str = "memory",
+    telemetry: list[str] | None = None,
 ) -> Server:
     port = free_port()
     if kind == "empty":
@@ -643,7 +654,8 @@ def start_server(
                 "--insecure",
                 "--log-level", "WARNING",
                 "--grace-seconds", "1",
-                "--quota-store", quota_store]  # fmt: skip
+                "--quota-store", quota_store,
+                *(telemetry or [])]  # fmt: skip
     child = children.spawn(f"server-{kind}", argv)
     wait_for_port(port, child)
     wait_for_workers(child, workers)
@@ -971,6 +983,14 @@ def print_report(summaries: list[Summary], checks: list[TargetCheck], options: O
             f"ext_proc with {label} / without: {ratio:.3f} (per round {per_round}; "
             f"median rounds {quota.median.rps:.0f} vs {pipeline.median.rps:.0f} rps)"
         )
+    telemetry = by_name.get("ext_proc_telemetry")
+    if telemetry is not None and pipeline is not None:
+        ratio, rounds = paired_ratio(telemetry.rounds, pipeline.rounds)
+        per_round = ", ".join(f"{r:.3f}" for r in rounds)
+        print(
+            f"ext_proc with telemetry on / off: {ratio:.3f} (per round {per_round}; median "
+            f"rounds {telemetry.median.rps:.0f} vs {pipeline.median.rps:.0f} rps)"
+        )
     empty = by_name.get("ext_proc_empty")
     for name in ("ext_proc_inspect_2k", "ext_proc_inspect_200k", "ext_proc_respond_sse"):
         body = by_name.get(name)
@@ -1137,6 +1157,17 @@ def run(options: Options) -> int:
             servers["empty"] = start_server(children, "empty", options.workers, policy_dir)
         if any(c.server == "pipeline" for c in options.configurations):
             servers["pipeline"] = start_server(children, "pipeline", options.workers, policy_dir)
+        if "telemetry" in wanted:
+            # The same policies as the pipeline, with every kind of telemetry switched on.
+            receiver = OtlpReceiver()
+            audit = RUN_DIR / "audit.jsonl"
+            for old in RUN_DIR.glob("audit*.jsonl"):
+                old.unlink()
+            flags = ["--metrics-listen", f"127.0.0.1:{free_port()}", "--audit-log", str(audit),
+                     "--otlp-endpoint", receiver.url]  # fmt: skip
+            servers["telemetry"] = start_server(
+                children, "telemetry", options.workers, policy_dir, telemetry=flags
+            )
         body_kinds: list[ServerKind] = [k for k in ("inspect", "respond") if k in wanted]
         for kind in body_kinds:
             servers[kind] = start_server(

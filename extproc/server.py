@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
@@ -27,13 +27,18 @@ from extproc.adapters import ext_authz, ext_proc
 from extproc.adapters.admin import AdminService
 from extproc.adapters.ext_authz import AuthorizationService
 from extproc.adapters.ext_proc import ExternalProcessorService
+from extproc.audit.chain import AuditLog, worker_path
 from extproc.authn.apikey import ApiKeyStore
+from extproc.observe import Observer
 from extproc.parent_death import die_with_parent
 from extproc.pipeline.run import DecisionCore
 from extproc.policy.store import PolicyStore
 from extproc.quota.admit import QuotaEngine
 from extproc.quota.factory import open_quota_store
 from extproc.settings import Settings
+from extproc.telemetry import metrics
+from extproc.telemetry.export import MetricsExport, SharedMetrics, metrics_wanted
+from extproc.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +165,32 @@ async def _warm_key_sources(store: PolicyStore) -> None:
         log.warning("JWKS prefetch did not finish in %.0f s; continuing", KEY_WARM_TIMEOUT_SECONDS)
 
 
-async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain in-flight streams for grace_seconds."""
+def _observer(settings: Settings) -> Observer:
+    audit = None
+    if settings.audit_log is not None:
+        key = settings.audit_key_file.read_bytes().strip() if settings.audit_key_file else None
+        audit = AuditLog(settings.audit_log, key, on_drop=metrics.AUDIT_DROPPED.inc)
+    tracing = None
+    if settings.otlp_endpoint:
+        tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio)
+    return Observer(audit, tracing, count=metrics_wanted(settings))
+
+
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[int], None] | None = None,
+    export_metrics: bool = True,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain in-flight streams for grace_seconds.
+    `export_metrics`: this process serves its own metrics (False under a supervisor)."""
     api_keys = ApiKeyStore.load(settings.api_keys_file)
     store = PolicyStore(settings.policy_dir, api_keys, os.environ)
-    core = DecisionCore(store, QuotaEngine(await open_quota_store(settings)))
+    observer = _observer(settings)
+    export = MetricsExport(settings) if export_metrics and metrics_wanted(settings) else None
+    core = DecisionCore(store, QuotaEngine(await open_quota_store(settings)), observer)
     server, health_servicer, port = build_server(settings, core, store)
+    # grpc's health servicer starts with "" SERVING; not before the keys are warm.
+    await _set_health(health_servicer, False)
     await server.start()
     await _warm_key_sources(store)
     # What startup built (policies, protobuf descriptors, TLS, the store client) lives as long
@@ -215,17 +240,21 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     for introspector in store.resources.introspectors.values():
         await introspector.aclose()
     await core.quotas.close()
+    await asyncio.sleep(0)  # let settlements that finished the last exchanges record them
+    observer.close()
+    if export is not None:
+        export.close()
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, export_metrics: bool = True) -> None:
     _EarlySignals.install()
     configure_logging(settings.log_level)
     try:
         import uvloop  # optional: 10 to 20 % faster here (DESIGN.md)
     except ImportError:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, export_metrics=export_metrics))
     else:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, export_metrics=export_metrics))
 
 
 def configure_logging(level: str) -> None:
@@ -250,7 +279,7 @@ def _run_supervised_worker(
     die_with_parent(supervisor_pid)  # a killed supervisor must not leave workers serving on
     _EarlySignals.install()
     handles_signals.set()
-    run_worker(settings)
+    run_worker(settings, export_metrics=False)
 
 
 @dataclass
@@ -280,12 +309,25 @@ class _Worker:
 def _supervise(settings: Settings) -> int:
     """Start the workers, restart one that dies (bounded), forward SIGTERM/SIGINT to all."""
     configure_logging(settings.log_level)
+    # Before any worker starts: they find the shared metrics directory in their environment.
+    shared = SharedMetrics(settings) if metrics_wanted(settings) else None
+    try:
+        return _supervise_workers(settings, shared)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _supervise_workers(settings: Settings, shared: SharedMetrics | None) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
-    def spawn() -> _Worker:
+    def spawn(index: int) -> _Worker:
         ready = ctx.Event()
-        process = ctx.Process(target=_run_supervised_worker, args=(settings, os.getpid(), ready))
+        own = settings
+        if settings.audit_log is not None:  # one hash chain per worker
+            own = replace(settings, audit_log=worker_path(settings.audit_log, index))
+        process = ctx.Process(target=_run_supervised_worker, args=(own, os.getpid(), ready))
         process.start()
         return _Worker(process, ready)
 
@@ -305,7 +347,7 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop)
     # SIGHUP reloads policies in every worker (and must not end the supervisor).
     signal.signal(signal.SIGHUP, _forward)
-    workers.extend(spawn() for _ in range(settings.workers))
+    workers.extend(spawn(i) for i in range(settings.workers))
     restarts: list[float] = []
     while True:
         for i, w in enumerate(workers):
@@ -322,6 +364,8 @@ def _supervise(settings: Settings) -> int:
                 _stop(signal.SIGTERM, None)
                 break
             log.error("worker %d exited with %s; restarting it", w.process.pid, w.process.exitcode)
-            workers[i] = spawn()
+            if shared is not None and w.process.pid is not None:
+                shared.worker_gone(w.process.pid)
+            workers[i] = spawn(i)
         if stopping and all(not w.process.is_alive() for w in workers):
             return 0 if all(w.process.exitcode == 0 for w in workers) else 1

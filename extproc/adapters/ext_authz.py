@@ -33,7 +33,7 @@ from extproc.adapters.peer import peer_from_ext_authz
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.pipeline.run import DecisionCore
-from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
+from extproc.pipeline.upstream import DECISION_ID, WORKER, allow_mutation, dynamic_metadata
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ def denied(deny: Deny, decision_id: str) -> pb.CheckResponse:
             headers=[_header(k, v) for k, v in deny_headers(deny, decision_id)],
             body=deny.json_body(decision_id).decode(),
         ),
-        dynamic_metadata=struct({"decision_id": decision_id, "denied": deny.code}),
+        dynamic_metadata=struct(
+            {"decision_id": decision_id, "denied": deny.code, "worker": WORKER}
+        ),
     )
 
 
@@ -123,21 +125,28 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse | bytes:
         ctx = context_of(request)
-        decision = await self._core.decide(ctx)
-        if isinstance(decision, Allow) and decision.admission is not None:
-            admission = decision.admission
-            if admission.needs_end:
-                await admission.finish()
-                log.error(
-                    "policy %s has concurrency or overload quotas, which need the ext_proc "
-                    "filter; refusing (decision %s)",
-                    decision.policy,
-                    ctx.decision_id,
-                )
-                decision = NEEDS_EXT_PROC
-        if isinstance(decision, Deny):
-            return denied(decision, ctx.decision_id)
-        return ok(decision, ctx.decision_id)
+        decision: Allow | Deny | None = None
+        try:
+            decision = await self._core.decide(ctx)
+            if isinstance(decision, Allow) and decision.admission is not None:
+                admission = decision.admission
+                if admission.needs_end:
+                    await admission.finish()
+                    log.error(
+                        "policy %s has concurrency or overload quotas, which need the ext_proc "
+                        "filter; refusing (decision %s)",
+                        decision.policy,
+                        ctx.decision_id,
+                    )
+                    decision = NEEDS_EXT_PROC
+                else:
+                    admission.close_soon()  # ext_authz never sees the exchange end
+            if isinstance(decision, Deny):
+                return denied(decision, ctx.decision_id)
+            return ok(decision, ctx.decision_id)
+        finally:
+            # Cancelled (Envoy gave up, the client left) before deciding: recorded as such.
+            self._core.finished(ctx, decision, "ext_authz")
 
 
 def add_to_server(service: AuthorizationService, server: grpc.aio.Server) -> None:

@@ -46,7 +46,7 @@ from extproc.adapters.peer import peer_from_ext_proc
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny, NeedBody
 from extproc.pipeline.run import DecisionCore
-from extproc.pipeline.upstream import DECISION_ID, allow_mutation, dynamic_metadata
+from extproc.pipeline.upstream import DECISION_ID, WORKER, allow_mutation, dynamic_metadata
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_proc"
 # Its own namespace, so the per-request values can be appended to a cached allow response:
@@ -85,7 +85,17 @@ def immediate(deny: Deny, decision_id: str) -> pb.ProcessingResponse:
             ),
             body=deny.json_body(decision_id),
             details=f"extproc_{deny.code}",
-        )
+        ),
+        # For Envoy's access log, as with an allow: the record to look up is this one.
+        dynamic_metadata=struct(
+            {
+                METADATA_NAMESPACE: {
+                    "decision_id": decision_id,
+                    "denied": deny.code,
+                    "worker": WORKER,
+                }
+            }
+        ),
     )
 
 
@@ -179,6 +189,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         ctx: RequestContext | None = None
         pending: NeedBody | None = None
         admitted: Allow | None = None
+        final: Allow | Deny | None = None
         flow: ResponseFlow | None = None
         try:
             async for request in request_iterator:
@@ -194,34 +205,44 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                             yield _SEND_BODY[decision.watch_response]
                             continue
                         decision = await self._core.on_body(ctx, decision, b"")
+                    final = decision
                     if isinstance(decision, Allow):
                         admitted = decision
                     yield self._render(decision, ctx.decision_id, kind)
                 elif kind == "request_body" and pending is not None and ctx is not None:
                     decision = await self._core.on_body(ctx, pending, request.request_body.body)
                     pending = None
+                    final = decision
                     if isinstance(decision, Allow):
                         admitted = decision
                     yield self._render(decision, ctx.decision_id, kind)
                 elif kind == "response_headers" and admitted is not None and ctx is not None:
+                    ctx.trail.timeline.resume()
                     response, flow = on_response_headers(
-                        admitted.admission, admitted.output, ctx.decision_id,
+                        admitted.admission, admitted.output, ctx.decision_id, ctx.trail,
                         request.response_headers,
                     )  # fmt: skip
                     admission = admitted.admission
                     ended = request.response_headers.end_of_stream
                     if flow is None and admission is not None and ended:
                         admission.close_soon()
+                    ctx.trail.timeline.mark("respond")
                     yield response
-                elif kind == "response_body" and flow is not None:
+                elif kind == "response_body" and flow is not None and ctx is not None:
+                    ctx.trail.timeline.resume()
                     body = request.response_body
-                    yield flow.on_chunk(body.body, body.end_of_stream)
+                    chunk = flow.on_chunk(body.body, body.end_of_stream)
+                    ctx.trail.timeline.mark("respond")
+                    yield chunk
                 elif kind is not None:
                     yield _PASS_THROUGH[kind]
         finally:
-            # However the exchange ended (done, client gone, Envoy reset): free what it held.
+            # However the exchange ended (done, client gone, Envoy reset): free what it held,
+            # and record it.
             if admitted is not None and admitted.admission is not None:
                 admitted.admission.close_soon()
+            if ctx is not None:
+                self._core.finished(ctx, final, "ext_proc")
 
     @staticmethod
     def _render(

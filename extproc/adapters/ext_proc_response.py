@@ -18,7 +18,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc.audit import record
+from extproc.audit.trail import Trail
 from extproc.inspect.plan import OutputPlan
 from extproc.inspect.response import (
     DECODABLE,
@@ -97,6 +97,7 @@ class ResponseFlow:
         admission: Admission | None,
         output: OutputPlan,
         decision_id: str,
+        trail: Trail,
         kind: str | None,
         encoding: str | None,
         status: int,
@@ -105,6 +106,7 @@ class ResponseFlow:
         self._admission = admission
         self._output = output
         self._decision_id = decision_id
+        self._trail = trail
         self._kind = kind
         self._status = status
         self.buffered = buffered
@@ -118,8 +120,9 @@ class ResponseFlow:
             else None
         )
         self._json_usage = wants_usage and kind != "sse"
-        self._sse = SseTransformer(output) if transform and kind == "sse" else None
-        self._text = TextTransformer(output) if transform and kind == "text" else None
+        tally = trail.response_redactions
+        self._sse = SseTransformer(output, tally) if transform and kind == "sse" else None
+        self._text = TextTransformer(output, tally) if transform and kind == "text" else None
         self._json = transform and kind == "json"
         self._strip_usage = admission is not None and admission.strip_usage
         self._held = bytearray()
@@ -197,7 +200,7 @@ class ResponseFlow:
             self._usage = usage_from_json(body)
         if not self._json:
             return None if self._decoder is None else data
-        return transform_json(body, self._output)
+        return transform_json(body, self._output, self._trail.response_redactions)
 
     def _sanitised(self, chunk: bytes, end: bool) -> bytes:
         # The upstream's own words go to the audit record only, masked and cut short.
@@ -206,15 +209,14 @@ class ResponseFlow:
         if redact is not None:
             findings = redact.scanner.scan(head)
             head = redact.masker.apply(head, findings) if findings else head
-        record(
-            self._decision_id, "upstream_error",
-            {"status": self._status, "bytes": len(chunk), "body_head": head},
-        )  # fmt: skip
+        self._trail.event(
+            "upstream_error", {"status": self._status, "bytes": len(chunk), "body_head": head}
+        )
         return sanitised_error(self._decision_id)
 
     def _blocked(self) -> bytes:
         self._ended = True
-        record(self._decision_id, "response_blocked", {"kind": self._kind or "bytes"})
+        self._trail.event("response_blocked", {"kind": self._kind or "bytes"})
         if self.buffered:
             return error_json("response_blocked", BLOCKED_MESSAGE, self._decision_id)
         if self._kind == "sse":
@@ -223,13 +225,18 @@ class ResponseFlow:
 
 
 def on_response_headers(
-    admission: Admission | None, output: OutputPlan, decision_id: str, message: pb.HttpHeaders
+    admission: Admission | None,
+    output: OutputPlan,
+    decision_id: str,
+    trail: Trail,
+    message: pb.HttpHeaders,
 ) -> tuple[pb.ProcessingResponse, ResponseFlow | None]:
     headers = headers_of(message)
     try:
         status = int(headers.get(":status", "0"))
     except ValueError:
         status = 0
+    trail.response_status = status
     if admission is not None:
         admission.on_response(status)
     response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
@@ -241,7 +248,9 @@ def on_response_headers(
             if admission is not None:
                 admission.close_soon()
             return _immediate(status, sanitised_error(decision_id), decision_id), None
-        flow = ResponseFlow(admission, output, decision_id, None, None, status, buffered=True)
+        flow = ResponseFlow(
+            admission, output, decision_id, trail, None, None, status, buffered=True
+        )
         response.mode_override.CopyFrom(_BUFFERED)
         return response, flow
     kind = body_kind(headers.get("content-type", ""))
@@ -256,13 +265,13 @@ def on_response_headers(
         encoding = None  # usage alone: what cannot be read leaves the reservation standing
     elif encoding is not None and encoding not in DECODABLE:
         # Never passed on unread: a body the detectors cannot decode is refused.
-        record(decision_id, "response_blocked", {"reason": "content_encoding"})
+        trail.event("response_blocked", {"reason": "content_encoding"})
         if admission is not None:
             admission.close_soon()
         body = error_json("response_blocked", BLOCKED_MESSAGE, decision_id)
         return _immediate(502, body, decision_id), None
     buffered = transform and kind == "json"
-    flow = ResponseFlow(admission, output, decision_id, kind, encoding, status, buffered)
+    flow = ResponseFlow(admission, output, decision_id, trail, kind, encoding, status, buffered)
     response.mode_override.CopyFrom(_BUFFERED if buffered else _STREAMED)
     if encoding is not None:
         mutation.remove_headers.append("content-encoding")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,17 @@ def first_failure(
     `facts` builds what `when:` conditions read, once, and only if one is evaluated; a
     condition that cannot be evaluated fails its rule.
     """
+    return next(failures(rules, identity, version, input_types, facts), None)
+
+
+def failures(
+    rules: tuple[CompiledRule, ...],
+    identity: Identity,
+    version: str,
+    input_types: frozenset[str] | None = None,
+    facts: Callable[[], ConditionFacts] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(rule name, condition) of every applicable rule that fails, in order (first_failure)."""
     built: ConditionFacts | None = None
     for rule in rules:
         if input_types is None:
@@ -137,7 +148,8 @@ def first_failure(
         failed = rule.failed_condition(identity)
         if failed is None and rule.condition is not None:
             if facts is None:
-                return rule.name, "when (no request facts)"
+                yield rule.name, "when (no request facts)"
+                continue
             if built is None:
                 built = facts()
             try:
@@ -146,5 +158,4 @@ def first_failure(
             except ConditionError:
                 failed = "when (evaluation failed)"
         if failed is not None:
-            return rule.name, failed
-    return None
+            yield rule.name, failed

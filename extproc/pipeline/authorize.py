@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from extproc.authn.base import Identity
 from extproc.authz.conditions import ConditionFacts
 from extproc.authz.constraints import ConstraintError, Request, violated
-from extproc.authz.rules import first_failure
+from extproc.authz.rules import failures, first_failure
 from extproc.authz.versions import VersionSpec
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Decision, Deny, bad_request, forbidden, no_route
@@ -102,19 +102,52 @@ def version_denial(
     types: frozenset[str] | None = None,
     cost: int = 0,
 ) -> Deny | None:
-    """Why this caller may not be served this version, or None."""
-    try:
-        broken = violated(identity.claims, _constraint_request(policy, ctx, version, types))
-    except ConstraintError:
-        return forbidden("credential constraint unreadable")
-    if broken is not None:
-        return forbidden(f"credential constraint {broken}")
+    """Why this caller may not be served this version, or None (what is enforced: a policy in
+    dry run leaves its constraints and rules to `trial_denials`)."""
+    if not policy.dry_run:
+        broken = _broken_constraint(policy, identity, ctx, version, types)
+        if broken is not None:
+            return forbidden(broken)
     facts = _facts(policy, identity, ctx, version, types, cost)
     failed = first_failure(policy.rules, identity, version, types, facts)
     if failed is not None:
         rule, condition = failed
         return forbidden(f"rule {rule!r} failed on {condition}")
     return None
+
+
+def _broken_constraint(
+    policy: CompiledPolicy,
+    identity: Identity,
+    ctx: RequestContext,
+    version: str,
+    types: frozenset[str] | None,
+) -> str | None:
+    try:
+        broken = violated(identity.claims, _constraint_request(policy, ctx, version, types))
+    except ConstraintError:
+        return "credential constraint unreadable"
+    return None if broken is None else f"credential constraint {broken}"
+
+
+def record_trials(
+    policy: CompiledPolicy,
+    identity: Identity,
+    ctx: RequestContext,
+    version: str,
+    types: frozenset[str] | None = None,
+    cost: int = 0,
+) -> None:
+    """Note in the audit trail what dry run keeps from denying the version served: the
+    policy's constraints (the whole policy in dry run) and every failing dry-run rule. With
+    `types` (the body was read) only what depends on the body."""
+    if policy.dry_run:
+        broken = _broken_constraint(policy, identity, ctx, version, types)
+        if broken is not None:
+            ctx.trail.dry_run("authorize", 403, broken)
+    facts = _facts(policy, identity, ctx, version, types, cost)
+    for rule, condition in failures(policy.trial_rules, identity, version, types, facts):
+        ctx.trail.dry_run("authorize", 403, f"rule {rule!r} failed on {condition}")
 
 
 def _usable(
@@ -168,6 +201,8 @@ def authorize(policy: CompiledPolicy, identity: Identity, ctx: RequestContext) -
             denial = version_denial(policy, identity, ctx, spec.name)
             if denial is not None:
                 return denial
+    if policy.has_trials:
+        record_trials(policy, identity, ctx, spec.name)
     fallback = routing.versions.get(spec.fallback or "")
     shadow = routing.versions.get(routing.shadow_for(ctx.decision_id) or "")
     return Allow(
@@ -198,6 +233,9 @@ def check_body(
             "model_mismatch", "the body's `model` does not name the model at this path",
             "body_model_mismatch", phase="authorize",
         )  # fmt: skip
-    if types is not None:
-        return version_denial(policy, allow.identity, ctx, allow.version, types, cost)
-    return None
+    if types is None:
+        return None
+    denial = version_denial(policy, allow.identity, ctx, allow.version, types, cost)
+    if denial is None and policy.has_trials:
+        record_trials(policy, allow.identity, ctx, allow.version, types, cost)
+    return denial

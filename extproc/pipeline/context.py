@@ -7,7 +7,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from extproc.authn.base import PeerCertificate
+from extproc.audit.trail import Trail
+from extproc.authn.base import Identity, PeerCertificate
 
 # 64 random bits per process, then a counter: unique across workers and restarts without a
 # syscall per request (measurable on the hot path). Ids correlate records; they grant nothing.
@@ -38,6 +39,11 @@ class RequestContext:
     rewrites_body: bool = True
     # The client certificate Envoy verified on the connection (mTLS), from Envoy only.
     peer: PeerCertificate | None = None
+    # Timings, verdicts and findings for the audit record (written when the exchange ends).
+    trail: Trail = field(default_factory=Trail)
+    # For the policy tools only (`extproc policy test/explain/diff`): decide for this identity
+    # instead of authenticating. The Envoy adapters never set it.
+    given_identity: Identity | None = None
 
     @staticmethod
     def split_path(raw_path: str) -> tuple[str, str]:

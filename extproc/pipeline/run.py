@@ -19,13 +19,13 @@ from typing import Protocol
 
 import orjson
 
-from extproc.audit import record
 from extproc.authn.base import Authenticator, AuthnFailure, Identity, PeerCertificate
 from extproc.authz.constraints import narrows_input_types
 from extproc.inspect.body import check_headers, content_encoding, decode_body, parse_json
 from extproc.inspect.profiles import input_types
 from extproc.inspect.request import inspect_request
 from extproc.inspect.violation import Violation
+from extproc.observe import Observer
 from extproc.pipeline.authorize import authorize, check_body
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import (
@@ -41,6 +41,8 @@ from extproc.pipeline.decision import (
     unauthenticated,
     verifier_unavailable,
 )
+from extproc.pipeline.snapshot import request_snapshot
+from extproc.pipeline.timeline import Verdict
 from extproc.policy.compiled import CompiledPolicy, PolicySet
 from extproc.quota.admit import QuotaEngine
 from extproc.quota.cost import request_facts
@@ -58,23 +60,44 @@ class PolicySource(Protocol):
 
 
 class DecisionCore:
-    def __init__(self, policies: PolicySource, quotas: QuotaEngine | None = None) -> None:
+    def __init__(
+        self,
+        policies: PolicySource,
+        quotas: QuotaEngine | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self._policies = policies
         self.quotas = quotas if quotas is not None else QuotaEngine(MemoryStore())
+        self.observer = observer if observer is not None else Observer()
+
+    def finished(self, ctx: RequestContext, decision: Allow | Deny | None, transport: str) -> None:
+        """The exchange is over: record it (audit, metrics, trace), however it ended."""
+        self.observer.finished(ctx, decision, transport)
+
+    @property
+    def revision(self) -> str:
+        return self._policies.current.revision
 
     async def on_headers(self, ctx: RequestContext) -> HeadersDecision:
         try:
-            return await self._on_headers(ctx)
+            decision = await self._on_headers(ctx)
         except Exception:  # a fault fails closed
             log.exception("decision %s failed at request headers", ctx.decision_id)
-            return internal_error("exception_at_headers")
+            decision = internal_error("exception_at_headers")
+        if isinstance(decision, Deny):
+            _mark_denial(ctx, decision)
+        return decision
 
     async def on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
+        ctx.trail.timeline.resume()
         try:
-            return await self._on_body(ctx, pending, body)
+            decision = await self._on_body(ctx, pending, body)
         except Exception:
             log.exception("decision %s failed at request body", ctx.decision_id)
-            return internal_error("exception_at_body")
+            decision = internal_error("exception_at_body")
+        if isinstance(decision, Deny):
+            _mark_denial(ctx, decision)
+        return decision
 
     async def decide(self, ctx: RequestContext) -> Decision:
         """Both steps at once, for transports that deliver headers and body together."""
@@ -84,37 +107,56 @@ class DecisionCore:
         return first
 
     async def _on_headers(self, ctx: RequestContext) -> HeadersDecision:
-        route = self._policies.current.match(ctx.host, ctx.path)
+        timeline = ctx.trail.timeline
+        current = self._policies.current
+        ctx.trail.revision = current.revision
+        route = current.match(ctx.host, ctx.path)
         if route is None:
             return no_route()
         if route.methods is not None and ctx.method not in route.methods:
             return method_not_allowed(route.methods)
+        timeline.mark("route")
         authenticators = route.owner.authenticators if route.owner else route.authenticators
-        identity = await authenticate(authenticators, ctx.headers, ctx.peer)
+        identity = await self._authenticate(authenticators, ctx)
         if isinstance(identity, Deny):
             return identity
+        timeline.mark("authenticate")
+        ctx.trail.identity = identity
         policy = route.owner
         if policy is None:
             return NeedBody(identity, route)
+        ctx.trail.model = policy.model
         decision = authorize_headers(policy, identity, ctx)
         if isinstance(decision, Deny):
             return decision
-        if policy.needs_body or narrows_input_types(identity.claims):
+        timeline.mark("authorize")
+        if policy.needs_body or narrows_input_types(identity.claims) or policy.record_requests:
             return NeedBody(identity, route, allow=decision)
         if not policy.quotas.active:
             return decision
         return await self._admit(policy, decision, ctx, None)
+
+    @staticmethod
+    async def _authenticate(
+        authenticators: tuple[Authenticator, ...], ctx: RequestContext
+    ) -> Identity | Deny:
+        if ctx.given_identity is not None:  # the policy tools decide for a stated caller
+            return ctx.given_identity
+        return await authenticate(authenticators, ctx.headers, ctx.peer)
 
     async def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
         """Inspect the body, then admit: a request refused for its content holds no quota."""
         policy = pending.route.owner
         allow = pending.allow
         encoding = content_encoding(ctx.headers)
+        timeline = ctx.trail.timeline
         if policy is None or allow is None:
             chosen = await self._choose_by_body(ctx, pending, body, encoding)
             if isinstance(chosen, Deny):
                 return chosen
             policy, allow, body = chosen
+            timeline.mark("authorize")
+            ctx.trail.model, ctx.trail.identity = policy.model, allow.identity
         plan = policy.inspect
         decoded = decode_body(body, None if pending.route.owner is None else encoding, plan.limits)
         if isinstance(decoded, Violation):
@@ -130,12 +172,16 @@ class DecisionCore:
             if isinstance(doc, Violation):
                 return refused_input(doc)
         types: frozenset[str] = frozenset()
-        if inspects:
-            inspected = inspect_request(plan, doc)
-            if isinstance(inspected, Violation):
+        inspected = inspect_request(plan, doc) if inspects else None
+        if isinstance(inspected, Violation):
+            if not policy.dry_run:
                 return refused_input(inspected)
+            ctx.trail.dry_run("inspect", inspected.status, inspected.code)
+            inspected = None
+            types = frozenset(input_types(doc)) if wants_types and decoded else frozenset()
+        if inspected is not None:
             if inspected.notes:
-                record(ctx.decision_id, "inspect", inspected.notes)
+                ctx.trail.event("inspect", inspected.notes)
             types = inspected.input_types
             if inspected.changed:
                 if not ctx.rewrites_body:
@@ -147,8 +193,13 @@ class DecisionCore:
                 new_body = orjson.dumps(doc)
             if inspected.flags:
                 allow = dataclasses.replace(allow, flags=inspected.flags)
-        elif wants_types and decoded:
+        elif wants_types and decoded and not inspects:
             types = frozenset(input_types(doc))
+        timeline.mark("inspect")
+        if policy.record_requests is not None:
+            ctx.trail.request = request_snapshot(
+                ctx, policy, doc if new_body is None else orjson.loads(new_body), decoded
+            )
         cost = 0
         if policy.rules_read_cost and isinstance(doc, dict):
             # What a `when:` condition sees as request.cost: the tokens it may use at most.
@@ -157,6 +208,7 @@ class DecisionCore:
         denial = check_body(policy, allow, ctx, doc, types if wants_types else None, cost)
         if denial is not None:
             return denial
+        timeline.mark("authorize")
         if new_body is not None:
             allow = dataclasses.replace(allow, body=new_body)
         if not policy.quotas.active:
@@ -204,7 +256,7 @@ class DecisionCore:
             # The caller was authenticated by any model on this path; the model the body names
             # must accept the credential itself (its issuers, its certificates). Token results
             # are cached, so asking again costs little.
-            again = await authenticate(policy.authenticators, ctx.headers, ctx.peer)
+            again = await self._authenticate(policy.authenticators, ctx)
             if isinstance(again, Deny):
                 if again.status == 503:
                     return again  # its verifier is down: not the caller's fault
@@ -243,9 +295,19 @@ class DecisionCore:
             plan, allow.identity, allow.version, facts, ctx.decision_id
         )
         if isinstance(outcome, Deny):
-            return outcome
+            if not policy.dry_run:
+                return outcome
+            # Admitted without holding anything: the next request would be refused as well.
+            ctx.trail.dry_run("admit", outcome.status, outcome.reason)
+            return dataclasses.replace(allow, body=new_body)
+        ctx.trail.timeline.mark("admit")
         outcome.strip_usage = strip_usage
         return dataclasses.replace(allow, admission=outcome, body=new_body)
+
+
+def _mark_denial(ctx: RequestContext, deny: Deny) -> None:
+    verdict: Verdict = "error" if deny.phase == "internal" else "deny"
+    ctx.trail.timeline.mark(deny.phase, verdict, deny.reason)
 
 
 def authorize_headers(policy: CompiledPolicy, identity: Identity, ctx: RequestContext) -> Decision:

@@ -207,7 +207,12 @@ def compile_policy(
     found = breaches(policy, quotas, platform.platform.floors)
     if found:
         raise FloorError(found)
-    rules = tuple(compile_rule(r, i) for i, r in enumerate(policy.authorization.rules))
+    compiled = [compile_rule(r, i) for i, r in enumerate(policy.authorization.rules)]
+    # Dry-run rules (all of them when the policy is in dry run) are only ever reported.
+    on_trial = [policy.dry_run or src.dry_run for src in policy.authorization.rules]
+    trial = [r for r, t in zip(compiled, on_trial, strict=True) if t]
+    rules = tuple(r for r, t in zip(compiled, on_trial, strict=True) if not t)
+    every = (*rules, *trial)
     key_headers = {
         m.api_key.header for m in policy.authentication if m.api_key and m.api_key.header
     }
@@ -225,9 +230,12 @@ def compile_policy(
             policy.input, pf.path.parent, res.environ, "input" in policy.model_fields_set
         ),
         output=compile_output(policy.output, res.environ),
-        typed_rules=any(r.reads_body for r in rules),
-        rules_read_cost=any(r.reads_cost for r in rules),
+        typed_rules=any(r.reads_body for r in every),
+        rules_read_cost=any(r.reads_cost for r in every),
         tenancy=_tenancy_plan(policy),
+        trial_rules=tuple(trial),
+        dry_run=policy.dry_run,
+        record_requests=policy.audit.max_body_bytes if policy.audit.record_requests else None,
     )
 
 

@@ -33,6 +33,17 @@ class CompiledPolicy:
     # Some `when:` condition reads request.cost: estimated from the body only then.
     rules_read_cost: bool = False
     tenancy: TenancyPlan = field(default_factory=TenancyPlan)
+    # Rules in dry run: what they would deny is recorded, never enforced.
+    trial_rules: tuple[CompiledRule, ...] = ()
+    # The whole policy in dry run: credential constraints, content verdicts and quotas are
+    # recorded instead of enforced (authentication, routing, tenancy and limits still are).
+    dry_run: bool = False
+    # Keep each request in its audit record (audit.record_requests): the body cap, else None.
+    record_requests: int | None = None
+
+    @property
+    def has_trials(self) -> bool:
+        return self.dry_run or bool(self.trial_rules)
 
     @property
     def versions(self) -> Mapping[str, str]:

@@ -76,6 +76,13 @@ def breaches(policy: Policy, quotas: Quotas, floors: Floors) -> list[tuple[str, 
         out.append(("quotas.on_store_failure",
                     f"{quotas.on_store_failure} fails open; {_floor('fail_closed')} "
                     "requires fail_closed"))  # fmt: skip
+    if floors.forbid_dry_run:
+        if policy.dry_run:
+            out.append(("dry_run", f"must stay false: {_floor('forbid_dry_run')}"))
+        for i, rule in enumerate(policy.authorization.rules):
+            if rule.dry_run:
+                out.append((f"authorization.rules[{i}].dry_run",
+                            f"must stay false: {_floor('forbid_dry_run')}"))  # fmt: skip
     out.extend(_quota_breaches(quotas, len(policy.quotas.rules), floors))
     return out
 

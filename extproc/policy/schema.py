@@ -52,6 +52,8 @@ class Route(Strict):
 
 
 class Version(Strict):
+    """One deployed version of the model and the Envoy cluster that serves it."""
+
     name: Name = Field(
         description="The version's name; read as a semantic version for the ranges credentials "
         "may carry (`v2` is 2.0.0, `1.4` is 1.4.0)."
@@ -95,8 +97,12 @@ class Version(Strict):
 class Shadow(Strict):
     """Copies of requests sent to a candidate version; its answers are discarded by Envoy."""
 
-    version: Name
-    percent: float = Field(default=100, gt=0, le=100)
+    version: Name = Field(description="The version that receives the copies.")
+    percent: float = Field(
+        default=100, gt=0, le=100,
+        description="Share of requests copied, in percent (only for callers who could be "
+        "served that version).",
+    )  # fmt: skip
 
 
 class Routing(Strict):
@@ -162,10 +168,22 @@ class Tenancy(Strict):
 
 
 class JwtClaimNames(Strict):
-    principal: NonEmpty = "sub"
-    tenant: NonEmpty | None = "tenant"
-    roles: NonEmpty | None = "roles"
-    scopes: NonEmpty | None = "scope"
+    """Which claims carry the caller's identity. null turns one off: callers then have no
+    tenant (roles, scopes), and a rule requiring one never passes for this method."""
+
+    principal: NonEmpty = Field(
+        default="sub", description="Claim naming the caller; a token without it is refused."
+    )
+    tenant: NonEmpty | None = Field(
+        default="tenant", description="Claim naming the caller's tenant (a non-empty string)."
+    )
+    roles: NonEmpty | None = Field(
+        default="roles", description="Claim listing roles: a list, or a space-separated string."
+    )
+    scopes: NonEmpty | None = Field(
+        default="scope",
+        description="Claim listing scopes: a list, or a space-separated string (OAuth2 `scope`).",
+    )
 
 
 class JwtMethod(Strict):
@@ -190,9 +208,19 @@ class JwtMethod(Strict):
         description="Environment variable holding the HS256 secret (at least 32 bytes); "
         "secrets never live in policy files.",
     )
-    leeway_seconds: int = Field(default=30, ge=0, le=300)
-    jwks_ttl_seconds: int = Field(default=300, ge=10, le=86400)
-    claims: JwtClaimNames = JwtClaimNames()
+    leeway_seconds: int = Field(
+        default=30, ge=0, le=300,
+        description="Clock skew tolerated when checking `exp`, `nbf` and `iat`.",
+    )  # fmt: skip
+    jwks_ttl_seconds: int = Field(
+        default=300, ge=10, le=86400,
+        description="How long fetched keys (jwks_url, oidc_discovery) are used before they "
+        "are fetched again.",
+    )  # fmt: skip
+    claims: JwtClaimNames = Field(
+        default=JwtClaimNames(),
+        description="Which token claims carry principal, tenant, roles and scopes.",
+    )
 
     @model_validator(mode="after")
     def _one_key_source(self) -> JwtMethod:
@@ -233,7 +261,7 @@ class IntrospectionMethod(Strict):
     endpoint: HttpUrl = Field(
         description="The introspection endpoint (https, or http on loopback)."
     )
-    client_id: NonEmpty
+    client_id: NonEmpty = Field(description="The gateway's OAuth2 client id at the endpoint.")
     client_secret_env: EnvName = Field(
         description="Environment variable holding the client secret (HTTP Basic)."
     )
@@ -249,7 +277,11 @@ class IntrospectionMethod(Strict):
         description="Active answers are cached this long at most, and never past the token's "
         "`exp`; 0 asks the endpoint every time (revocation takes effect at once).",
     )  # fmt: skip
-    claims: JwtClaimNames = JwtClaimNames()
+    claims: JwtClaimNames = Field(
+        default=JwtClaimNames(),
+        description="Which fields of the introspection answer carry principal, tenant, roles "
+        "and scopes.",
+    )
 
 
 class MtlsMethod(Strict):
@@ -279,10 +311,20 @@ class MtlsMethod(Strict):
 class AuthMethod(Strict):
     """One accepted method: exactly one of the keys below."""
 
-    jwt: JwtMethod | None = None
-    api_key: ApiKeyMethod | None = None
-    introspection: IntrospectionMethod | None = None
-    mtls: MtlsMethod | None = None
+    jwt: JwtMethod | None = Field(default=None, description="JWT bearer tokens from one issuer.")
+    api_key: ApiKeyMethod | None = Field(
+        default=None,
+        description="API keys from the server's key store; they carry a principal, a tenant, "
+        "roles and metadata (as claims), but no scopes.",
+    )
+    introspection: IntrospectionMethod | None = Field(
+        default=None, description="Opaque bearer tokens, checked with an introspection endpoint."
+    )
+    mtls: MtlsMethod | None = Field(
+        default=None,
+        description="Client certificates Envoy verified; they carry a principal and optionally "
+        "a tenant, but no roles or scopes.",
+    )
 
     def kind(self) -> str:
         """The method's name, as rules (`auth_methods`) and floors write it."""
@@ -301,17 +343,37 @@ class AuthMethod(Strict):
 class Rule(Strict):
     """A requirement. Every rule that applies must pass; within a rule every condition holds."""
 
-    name: NonEmpty
+    name: NonEmpty = Field(
+        description="Unique within the policy; names the rule in audit records when it denies."
+    )
     versions: list[Name] | None = Field(
         default=None, description="Apply only when one of these versions is served."
     )
-    principals: list[NonEmpty] | None = None
-    tenants: list[NonEmpty] | None = None
-    auth_methods: list[Literal["jwt", "api_key", "introspection", "mtls"]] | None = None
-    roles_any: list[NonEmpty] | None = None
-    roles_all: list[NonEmpty] | None = None
-    scopes_any: list[NonEmpty] | None = None
-    scopes_all: list[NonEmpty] | None = None
+    principals: list[NonEmpty] | None = Field(
+        default=None,
+        description="The caller's principal must be one of these. Matched exactly: `*` is not "
+        "a wildcard.",
+    )
+    tenants: list[NonEmpty] | None = Field(
+        default=None,
+        description="The caller's tenant must be one of these (exactly); callers without a "
+        "tenant fail.",
+    )
+    auth_methods: list[Literal["jwt", "api_key", "introspection", "mtls"]] | None = Field(
+        default=None, description="The caller must have authenticated with one of these methods."
+    )
+    roles_any: list[NonEmpty] | None = Field(
+        default=None, description="The caller must hold at least one of these roles."
+    )
+    roles_all: list[NonEmpty] | None = Field(
+        default=None, description="The caller must hold every one of these roles."
+    )
+    scopes_any: list[NonEmpty] | None = Field(
+        default=None, description="The caller's token must carry at least one of these scopes."
+    )
+    scopes_all: list[NonEmpty] | None = Field(
+        default=None, description="The caller's token must carry every one of these scopes."
+    )
     claims: dict[NonEmpty, ClaimValue] | None = Field(
         default=None,
         description="Each claim must equal the value, or be one of the listed values.",
@@ -325,6 +387,11 @@ class Rule(Strict):
         default=None,
         description="A CEL condition over identity, request, now, region and load that must "
         'also hold, e.g. `now.getHours("Europe/Paris") < 20`.',
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Record in the audit log and metrics when this rule would deny, without "
+        "denying: try a new rule on live traffic before enforcing it.",
     )
 
     @model_validator(mode="after")
@@ -344,7 +411,14 @@ class Rule(Strict):
 
 
 class Authorization(Strict):
-    rules: list[Rule] = Field(default_factory=list)
+    """Who may use the model. Every rule that applies must pass: rules add up (AND), they are
+    not tried in turn until one matches."""
+
+    rules: list[Rule] = Field(
+        default_factory=list,
+        description="Requirements: a request is allowed only when every rule that applies to "
+        "its version (and input types) passes.",
+    )
     allow_any_authenticated: bool = Field(
         default=False,
         description="Must be set explicitly for a model with no rules: no rules never means "
@@ -363,21 +437,56 @@ class Authorization(Strict):
         return self
 
 
+class AuditSettings(Strict):
+    """What this model's audit records carry beyond the decision itself."""
+
+    record_requests: bool = Field(
+        default=False,
+        description="Also record each request (method, path, headers without credentials, and "
+        "the JSON body with PII and secrets masked), so `extproc policy diff` can replay it "
+        "against another policy version. Off by default: bodies stay out of the audit log.",
+    )
+    max_body_bytes: int = Field(
+        default=16384,
+        ge=0,
+        le=1024 * 1024,
+        description="A longer recorded body is left out (marked as such), not cut mid-JSON.",
+    )
+
+
 class Policy(Strict):
     """One model's policy file."""
 
     model: Name = Field(description="The model's public name; also names the policy.")
     aliases: list[Name] = Field(default_factory=list, description="Other names clients may use.")
-    description: str = ""
-    routes: list[Route] = Field(min_length=1)
-    versions: list[Version] = Field(min_length=1)
-    authentication: list[AuthMethod] = Field(min_length=1)
-    authorization: Authorization
+    description: str = Field(default="", description="Free text for people reading the file.")
+    routes: list[Route] = Field(min_length=1, description="The requests this model owns.")
+    versions: list[Version] = Field(
+        min_length=1,
+        description="The deployed versions; with more than one, exactly one is the default.",
+    )
+    authentication: list[AuthMethod] = Field(
+        min_length=1,
+        description="Accepted credentials, one method per entry; the first method that "
+        "succeeds wins.",
+    )
+    authorization: Authorization = Field(
+        description="Who may use the model; required, so access is always stated."
+    )
     quotas: Quotas = Field(default_factory=Quotas, description="How much callers may use.")
     input: Input = Field(default_factory=Input, description="What the model may receive.")
     output: Output = Field(default_factory=Output, description="What may leave the model.")
     routing: Routing = Field(default_factory=Routing, description="How versions are chosen.")
     tenancy: Tenancy = Field(default_factory=Tenancy, description="Who owns the model's data.")
+    audit: AuditSettings = Field(
+        default_factory=AuditSettings, description="What the audit records keep."
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Record what this policy would deny (authorization, input inspection, "
+        "quotas) without denying. Authentication and routing are still enforced: an "
+        "unidentified caller is never let through.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -426,8 +535,12 @@ class QuotaCeiling(Strict):
     """The most a model may grant per caller: every rule of this kind stays at or below this
     rate, and every model has at least one such rule (its own or a platform default)."""
 
-    kind: Literal["requests", "concurrency", "cost"]
-    limit: int = Field(ge=1)
+    kind: Literal["requests", "concurrency", "cost"] = Field(
+        description="The kind of quota rule this ceiling caps."
+    )
+    limit: int = Field(
+        ge=1, description="Units per window (requests, cost) or requests in flight (concurrency)."
+    )
     window: Duration | None = Field(default=None, description="Not for concurrency.")
 
     @model_validator(mode="after")
@@ -477,14 +590,21 @@ class Floors(Strict):
         description="No model may count quotas locally when the shared store fails "
         "(quotas.on_store_failure: local).",
     )
-    max_quotas: list[QuotaCeiling] = Field(default_factory=list)
+    max_quotas: list[QuotaCeiling] = Field(
+        default_factory=list, description="Ceilings on every model's quota rules, per kind."
+    )
+    forbid_dry_run: bool = Field(
+        default=False,
+        description="No model may run its policy or a rule in dry-run mode (which lets "
+        "through what it would deny).",
+    )
 
 
 class PlatformPolicy(Strict):
     """The platform team's file, `_platform.yaml` beside the models' policies: what applies to
     every model unless a model's policy says otherwise, and the floors no policy may weaken."""
 
-    description: str = ""
+    description: str = Field(default="", description="Free text for people reading the file.")
     quotas: PlatformQuotas = Field(
         default_factory=PlatformQuotas, description="Quota defaults for every model."
     )

@@ -18,6 +18,7 @@ from extproc.policy.load import (
     read_platform_file,
     read_policy_dir,
 )
+from extproc.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class PolicyStore:
         self.reloads = 0  # revisions applied since start
         self.rejected = 0  # invalid changes refused
         self._reloading = asyncio.Lock()
+        metrics.policy_revision(self.current.revision)
 
     def reload(self) -> bool:
         """Load again; keep the last good set when the new one is invalid. True if swapped."""
@@ -110,6 +112,7 @@ class PolicyStore:
             return resources, load_policy_set(self.directory, resources)
         except PolicyLoadError as exc:
             self.rejected += 1
+            metrics.POLICY_RELOADS.labels("rejected").inc()
             log.error(
                 "policy reload rejected; keeping revision %s:\n%s", self.current.revision, exc
             )
@@ -122,7 +125,10 @@ class PolicyStore:
         if new.revision == self.current.revision:
             return False
         # One attribute assignment: a request reads `current` once and keeps its revision.
+        old = self.current.revision
         self.resources, self.current = resources, new
         self.reloads += 1
+        metrics.POLICY_RELOADS.labels("applied").inc()
+        metrics.policy_revision(new.revision, old)
         log.info("policy revision %s active (%d policies)", new.revision, len(new.policies))
         return True

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from extproc.authn.base import Identity
@@ -29,6 +29,7 @@ from extproc.quota.memory import MemoryStore
 from extproc.quota.overload import Shed, Ticket
 from extproc.quota.plan import CompiledQuota, QuotaPlan
 from extproc.quota.store import QuotaStore, Receipt, StoreError, Take
+from extproc.telemetry.metrics import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,32 @@ class Admission:
     responded_at: float | None = None
     # The gateway asked the upstream for streamed usage: remove that event from the stream.
     strip_usage: bool = False
+    # What the exchange's end did to what was held, for the audit record: (rule, held, final).
+    settlements: list[tuple[str, int, int]] = field(default_factory=list)
     _settled: bool = False
     _finished: bool = False
     _closing: bool = False
+    _closed: bool = False
+    _on_closed: list[Callable[[], None]] = field(default_factory=list)
+
+    def held_summary(self) -> list[dict[str, object]]:
+        return [{"rule": r.name, "kind": r.kind, "amount": t.amount} for r, t in self.held]
+
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once settling and freeing are done (at once if they are)."""
+        if self._closed:
+            callback()
+        else:
+            self._on_closed.append(callback)
+
+    def _done(self) -> None:
+        self._closed = True
+        callbacks, self._on_closed = self._on_closed, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("after-close callback failed")
 
     @property
     def wants_usage(self) -> bool:
@@ -98,6 +122,7 @@ class Admission:
                 continue
             if used != receipt.amount:
                 adjustments.append((receipt, used - receipt.amount))
+            self.settlements.append((rule.name, receipt.amount, used))
         await self._adjust(adjustments)
 
     async def finish(self) -> None:
@@ -110,6 +135,8 @@ class Admission:
         for rule, receipt in self.held:
             if rule.kind == "concurrency" or (rule.kind == "cost" and failed and not self._settled):
                 adjustments.append((receipt, -receipt.amount))
+                if rule.kind == "cost":
+                    self.settlements.append((rule.name, receipt.amount, 0))  # refunded
         if self.ticket is not None:
             ok = self.status is not None and self.status < 500 and self.responded_at is not None
             latency = (self.responded_at or self.started) - self.started
@@ -124,15 +151,19 @@ class Admission:
         self._closing = True
         if usage is None and not self.wants_end:
             self._finished = True  # nothing held: spare the task
+            self._done()
             return
         task = asyncio.get_running_loop().create_task(self._close(usage))
         _PENDING.add(task)
         task.add_done_callback(_PENDING.discard)
 
     async def _close(self, usage: Mapping[str, object] | None) -> None:
-        if usage is not None:
-            await self.settle(usage)
-        await self.finish()
+        try:
+            if usage is not None:
+                await self.settle(usage)
+            await self.finish()
+        finally:
+            self._done()
 
     async def _adjust(self, adjustments: Sequence[tuple[Receipt, int]]) -> None:
         if not adjustments:
@@ -140,6 +171,7 @@ class Admission:
         try:
             await self.store.adjust(adjustments)
         except StoreError as exc:
+            STORE_ERRORS.labels("quota").inc()
             # Slots still expire with their lease and windows with their TTL: nothing leaks.
             log.warning(
                 "quota adjustment failed (%s); counters recover when their keys expire", exc
@@ -251,6 +283,7 @@ class QuotaEngine:
         try:
             outcome = await store.take(takes, request_id)
         except StoreError as exc:
+            STORE_ERRORS.labels("quota").inc()
             if plan.fail_closed:
                 log.warning("quota store unavailable for %s (%s); failing closed", plan.model, exc)
                 return store_unavailable()
