@@ -140,9 +140,19 @@ class DecisionCore:
     async def _authenticate(
         authenticators: tuple[Authenticator, ...], ctx: RequestContext
     ) -> Identity | Deny:
-        if ctx.given_identity is not None:  # the policy tools decide for a stated caller
-            return ctx.given_identity
-        return await authenticate(authenticators, ctx.headers, ctx.peer)
+        given = ctx.given_identity
+        if given is None:
+            return await authenticate(authenticators, ctx.headers, ctx.peer)
+        # The policy tools decide for a stated caller, as a real credential of its method would
+        # be decided: refused where that method is not accepted.
+        accepted = {a.method for a in authenticators}
+        if given.method in accepted:
+            return given
+        return unauthenticated(
+            f"method_not_accepted: the given identity's method {given.method} is not accepted "
+            f"here (accepted: {', '.join(sorted(accepted))})",
+            "this credential is not accepted here",
+        )
 
     async def _on_body(self, ctx: RequestContext, pending: NeedBody, body: bytes) -> Decision:
         """Inspect the body, then admit: a request refused for its content holds no quota."""

@@ -17,9 +17,8 @@ from typing import Any
 
 from extproc.audit.record import decision_record
 from extproc.authn.apikey import ApiKeyError, ApiKeyStore
-from extproc.authn.base import Authenticator
 from extproc.pipeline.context import RequestContext
-from extproc.pipeline.decision import Allow, Decision, Deny, unauthenticated
+from extproc.pipeline.decision import Allow, Decision, Deny
 from extproc.pipeline.run import DecisionCore
 from extproc.policy.cases import RequestSpec
 from extproc.policy.compiled import CompiledPolicy, PolicySet
@@ -122,53 +121,9 @@ class Replayer:
             await _end_exchange(decision)
             ctx = spec.context(decision_id)
             decision = await core.decide(ctx)
-        refusal = self._method_refusal(ctx, decision)
         await _end_exchange(decision)
-        decision = refusal or decision
         record = decision_record(ctx, decision, ctx.trail.revision, spec.transport)
         return Decided(ctx, decision, record, self._by_model.get(ctx.trail.model))
-
-    def _method_refusal(self, ctx: RequestContext, decision: Decision) -> Deny | None:
-        """A given identity skips authentication, so the core never asks whether the policy
-        accepts its method; a real credential of that method would be refused (401). Done
-        here as the core does it: by the route's methods at the headers, then by the model's
-        own when the body chose it."""
-        identity = ctx.given_identity
-        route = self.current.match(ctx.host, ctx.path)
-        if identity is None or route is None:
-            return None
-        if route.methods is not None and ctx.method not in route.methods:
-            return None  # 405 comes before authentication
-        at_headers = route.owner.authenticators if route.owner else route.authenticators
-        policy = self._by_model.get(ctx.trail.model)
-        keep: tuple[str, ...]
-        if identity.method not in _methods(at_headers):
-            keep = ("route",)
-            accepted = _methods(at_headers)
-        elif policy is not None and identity.method not in _methods(policy.authenticators):
-            keep = ("route", "authenticate")
-            accepted = _methods(policy.authenticators)
-        else:
-            return None
-        # The trail as the core leaves it at that refusal: nothing past authentication.
-        trail = ctx.trail
-        trail.timeline.marks[:] = [m for m in trail.timeline.marks if m.phase in keep]
-        trail.events.clear()
-        trail.would_deny.clear()
-        trail.request = None
-        if len(keep) == 1:
-            trail.model, trail.identity = "", None
-        reason = (
-            f"method_not_accepted: the given identity's method {identity.method} is not "
-            f"accepted here (accepted: {', '.join(sorted(accepted))})"
-        )
-        trail.timeline.note("authenticate", "deny", reason)
-        deny = unauthenticated("method_not_accepted", "this credential is not accepted here")
-        return Deny(deny.status, deny.code, deny.message, deny.phase, reason, deny.headers)
-
-
-def _methods(authenticators: tuple[Authenticator, ...]) -> frozenset[str]:
-    return frozenset(a.method for a in authenticators)
 
 
 async def _end_exchange(decision: Decision) -> None:
