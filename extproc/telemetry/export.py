@@ -9,13 +9,17 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
 
 from extproc.settings import Settings
-from extproc.telemetry.otlp_metrics import OtlpMetricPusher
+from extproc.telemetry import otel_protos
+
+if TYPE_CHECKING:
+    from extproc.telemetry.otlp_metrics import OtlpMetricPusher
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ class MetricsExport:
             self.port = self._server.server_port
             log.info("metrics on http://%s:%d/metrics", host, self.port)
         if settings.otlp_endpoint:
+            otel_protos.require_intact()
+            from extproc.telemetry.otlp_metrics import OtlpMetricPusher
+
             self._pusher = OtlpMetricPusher(
                 settings.otlp_endpoint, registry, settings.otlp_metrics_seconds
             )
