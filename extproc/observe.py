@@ -7,10 +7,10 @@ everything off this is one attribute test per request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from extproc.audit.chain import AuditLog
-from extproc.audit.record import decision_record, outcome_of
+from extproc.audit.record import decision_record, outcome_of, upstream_error_record
 from extproc.pipeline.context import RequestContext
 from extproc.pipeline.decision import Allow, Deny
 from extproc.telemetry import metrics
@@ -39,6 +39,15 @@ class Observer:
             admission.when_closed(lambda: self._emit(ctx, decision, transport))
         else:
             self._emit(ctx, decision, transport)
+
+    def upstream_error(self, fields: dict[str, Any], transport: str) -> None:
+        """An upstream 5xx answer (ext_proc_errors.py): audited and counted."""
+        if self.count:
+            metrics.UPSTREAM_ERRORS.labels(
+                fields.get("model", ""), str(fields.get("status", 0)), str(fields["sanitised"])
+            ).inc()
+        if self.audit is not None:
+            self.audit.write(upstream_error_record(fields, transport))
 
     def close(self) -> None:
         if self.audit is not None:

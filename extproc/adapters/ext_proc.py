@@ -35,6 +35,7 @@ from extproc.adapters.common import (
     serialize,
     struct,
 )
+from extproc.adapters.ext_proc_errors import ErrorExchange
 from extproc.adapters.ext_proc_response import (
     ResponseFlow,
     header,
@@ -191,10 +192,20 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         admitted: Allow | None = None
         final: Allow | Deny | None = None
         flow: ResponseFlow | None = None
+        errors: ErrorExchange | None = None
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
-                if kind == "request_headers":
+                if errors is not None or (kind == "response_headers" and ctx is None):
+                    # A stream of its own for a 5xx answer (Envoy's composite filter).
+                    if errors is None:
+                        errors = ErrorExchange(self._core.observer, request)
+                        yield errors.on_headers(request.response_headers.end_of_stream)
+                    elif kind == "response_body":
+                        yield errors.on_chunk(request.response_body.body)
+                    elif kind is not None:
+                        yield _PASS_THROUGH[kind]
+                elif kind == "request_headers":
                     ctx = context_from_headers(headers_of(request.request_headers))
                     # Attributes come on this message only; the context keeps them.
                     ctx.peer = peer_from_ext_proc(request)
@@ -243,6 +254,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 admitted.admission.close_soon()
             if ctx is not None:
                 self._core.finished(ctx, final, "ext_proc")
+            if errors is not None:
+                errors.finished()
 
     @staticmethod
     def _render(

@@ -1,14 +1,15 @@
 """ext_proc's response side: what one admitted request does with its model's answer.
 
 At the response headers the request decides, once, how to read the body:
-- an upstream 5xx is sanitised: its body (read whole, for the audit record) is replaced by a
-  generic JSON error carrying the decision id; with no body, an immediate response does it;
 - a body the output rules read: JSON whole (BUFFERED: Envoy holds the headers, so
   Content-Length is set to the new length), event streams and text as they stream (STREAMED:
   Content-Length removed, the body goes out chunked);
 - a body only a cost quota reads (usage): streamed, unchanged but for the usage event the
   gateway itself asked for;
 - anything else is not watched at all.
+
+Upstream 5xx answers are sanitised on a stream of their own (ext_proc_errors.py), which Envoy
+opens only for them; by the time this side sees one, it is the gateway's JSON error.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from extproc.quota.usage import SseUsageTracker, usage_from_json
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # A JSON response larger than this is not parsed for usage: the reservation stands.
 MAX_JSON_USAGE_BODY = 1024 * 1024
-# Of a sanitised upstream error, this much goes to the audit record (PII masked).
-AUDITED_ERROR_BYTES = 2048
 BLOCKED_MESSAGE = "the response was withheld by policy"
 
 
@@ -72,10 +71,6 @@ def header(name: str, value: str) -> HeaderValueOption:
 def error_json(code: str, message: str, decision_id: str) -> bytes:
     # The same JSON error shape as every denial.
     return Deny(502, code, message, "internal").json_body(decision_id)
-
-
-def sanitised_error(decision_id: str) -> bytes:
-    return error_json("upstream_error", "the model failed to answer", decision_id)
 
 
 def headers_of(message: pb.HttpHeaders) -> dict[str, str]:
@@ -111,8 +106,7 @@ class ResponseFlow:
         self._status = status
         self.buffered = buffered
         self._decoder = Decoder(encoding) if encoding is not None else None
-        self._sanitise = output.sanitize_errors and status >= 500
-        transform = output.transforms_body and not self._sanitise
+        transform = output.transforms_body
         wants_usage = admission is not None and admission.wants_usage and 200 <= status < 300
         self._sse_usage = (
             SseUsageTracker(strip_usage_chunk=admission.strip_usage)
@@ -134,7 +128,7 @@ class ResponseFlow:
     def rewrites(self) -> bool:
         """The body leaving may differ from the body arriving (Content-Length cannot stay)."""
         strips = self._sse_usage is not None and self._strip_usage
-        transforms = self._sse or self._text or self._json or self._sanitise
+        transforms = self._sse or self._text or self._json
         return bool(self._decoder or transforms or strips)
 
     def on_chunk(self, chunk: bytes, end: bool) -> pb.ProcessingResponse:
@@ -150,15 +144,14 @@ class ResponseFlow:
             if out is not None and (out != chunk or self._ended):
                 common.body_mutation.body = out
                 common.header_mutation.set_headers.append(header("content-length", str(len(out))))
-                if self._sanitise or self._ended:
+                if self._ended:
                     common.header_mutation.set_headers.extend(
                         [
                             header("content-type", "application/json"),
                             header(DECISION_ID, self._decision_id),
+                            header(":status", "502"),
                         ]
                     )
-                if self._ended and not self._sanitise:
-                    common.header_mutation.set_headers.append(header(":status", "502"))
         elif out is not None and out != chunk:
             common.body_mutation.body = out
         if end and self._admission is not None:
@@ -167,8 +160,6 @@ class ResponseFlow:
 
     def _process(self, chunk: bytes, end: bool) -> bytes | None:
         """What to send instead of `chunk` (None: the chunk unchanged)."""
-        if self._sanitise:
-            return self._sanitised(chunk, end)
         data = self._decoder.feed(chunk, end) if self._decoder is not None else chunk
         if self._sse_usage is not None:
             forwarded = self._sse_usage.feed(data)
@@ -202,18 +193,6 @@ class ResponseFlow:
             return None if self._decoder is None else data
         return transform_json(body, self._output, self._trail.response_redactions)
 
-    def _sanitised(self, chunk: bytes, end: bool) -> bytes:
-        # The upstream's own words go to the audit record only, masked and cut short.
-        head = chunk[:AUDITED_ERROR_BYTES].decode("utf-8", "replace")
-        redact = self._output.redact
-        if redact is not None:
-            findings = redact.scanner.scan(head)
-            head = redact.masker.apply(head, findings) if findings else head
-        self._trail.event(
-            "upstream_error", {"status": self._status, "bytes": len(chunk), "body_head": head}
-        )
-        return sanitised_error(self._decision_id)
-
     def _blocked(self) -> bytes:
         self._ended = True
         self._trail.event("response_blocked", {"kind": self._kind or "bytes"})
@@ -243,16 +222,6 @@ def on_response_headers(
     # A reference into the message (a message passed to a constructor would be copied).
     mutation = response.response_headers.response.header_mutation
     end = message.end_of_stream
-    if output.sanitize_errors and status >= 500:
-        if end:
-            if admission is not None:
-                admission.close_soon()
-            return _immediate(status, sanitised_error(decision_id), decision_id), None
-        flow = ResponseFlow(
-            admission, output, decision_id, trail, None, None, status, buffered=True
-        )
-        response.mode_override.CopyFrom(_BUFFERED)
-        return response, flow
     kind = body_kind(headers.get("content-type", ""))
     transform = output.transforms_body and kind is not None
     usage = admission is not None and admission.wants_usage and 200 <= status < 300

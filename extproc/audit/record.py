@@ -8,6 +8,7 @@ asks for it (audit.record_requests), masked (extproc/pipeline/snapshot.py).
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,17 @@ def outcome_of(decision: Allow | Deny | None) -> str:
     if isinstance(decision, Allow):
         return "allow"
     return "error" if decision.phase == "internal" else "deny"
+
+
+def upstream_error_record(fields: dict[str, Any], transport: str) -> dict[str, Any]:
+    """An upstream 5xx, beside the decision record of the request it answered (same
+    decision_id); `body_head` is the start of the upstream's body, PII masked."""
+    return {
+        "time": _time(time.time_ns()),
+        "event": "upstream_error",
+        "transport": transport,
+        **fields,
+    }
 
 
 def decision_record(

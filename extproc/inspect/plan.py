@@ -89,7 +89,9 @@ class OutputPlan:
 
     @property
     def watches_response(self) -> bool:
-        return self.sanitize_errors or self.transforms_body
+        """The decision's own stream must see the response. Not for sanitize_errors: Envoy
+        opens a stream of its own for 5xx answers only (adapters/ext_proc_errors.py)."""
+        return self.transforms_body
 
 
 NO_INPUT = InputPlan()

@@ -87,4 +87,6 @@ def dynamic_metadata(allow: Allow) -> dict[str, str]:
     }
     if allow.identity.tenant is not None:
         meta["tenant"] = allow.identity.tenant
+    if not allow.output.sanitize_errors:
+        meta["errors"] = "raw"  # read by the 5xx stream (adapters/ext_proc_errors.py)
     return meta

@@ -64,6 +64,11 @@ POLICY_REVISION = Gauge(
     ["revision"],
     multiprocess_mode="liveall",
 )
+UPSTREAM_ERRORS = Counter(
+    "extproc_upstream_errors",
+    "Upstream 5xx answers by model and status, and whether their body was sanitised.",
+    ["model", "status", "sanitised"],
+)
 AUDIT_DROPPED = Counter(
     "extproc_audit_records_dropped",
     "Audit records dropped because the writer fell behind (the log records each gap).",

@@ -230,8 +230,26 @@ def test_safety_settings(template: Template, values: EnvoyValues) -> None:
 
     filters = hcm["http_filters"]
     assert [f["name"] for f in filters] == [
-        "envoy.filters.http.header_mutation", FILTER_NAME[template], "envoy.filters.http.router"
+        "envoy.filters.http.header_mutation", FILTER_NAME[template], "gateway.sanitize_5xx",
+        "envoy.filters.http.router",
     ]  # fmt: skip
+    # 5xx answers only, to the same server, failing closed, with the decision's metadata.
+    composite = filters[2]["typed_config"]
+    tree = composite["xds_matcher"]["matcher_tree"]
+    assert tree["input"]["typed_config"]["@type"].endswith("HttpResponseStatusCodeClassMatchInput")
+    (action,) = tree["exact_match_map"]["map"].items()
+    assert action[0] == "5xx"
+    sanitizer = action[1]["action"]["typed_config"]["typed_config"]["typed_config"]
+    assert sanitizer["grpc_service"]["envoy_grpc"]["cluster_name"] == "decision_server"
+    assert sanitizer["failure_mode_allow"] is False
+    assert sanitizer["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert sanitizer["processing_mode"]["response_header_mode"] == "SEND"
+    assert sanitizer["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert sanitizer["processing_mode"]["request_header_mode"] == "SKIP"
+    assert sanitizer["metadata_options"]["forwarding_namespaces"]["untyped"] == [
+        FILTER_NAME[template]
+    ]
+    assert "observability_mode" not in sanitizer
     # The region is Envoy's to say: set with overwrite before the decision filter.
     (region,) = filters[0]["typed_config"]["mutations"]["request_mutations"]
     assert region["append"] == {
@@ -411,10 +429,9 @@ def test_fails_closed_without_decision_server(
     print(f"{template}: fail-closed statuses {statuses}")
     for status in statuses.values():
         assert status == 403 or 500 <= status < 600, statuses
-    if template == "ext_authz":
-        assert set(statuses.values()) == {503}  # status_on_error
-    else:
-        assert set(statuses.values()) == {500}  # ext_proc stream error
+    # ext_authz's status_on_error; under ext_proc the stream error's 500 is a 5xx answer, whose
+    # own stream (gateway.sanitize_5xx) fails too and says 503: an outage, in both modes.
+    assert set(statuses.values()) == {503}
     # Nothing reached a model pod (no connection was even attempted).
     stats = envoy.admin("/stats?filter=^cluster\\.demo-.*\\.upstream_cx_total$")
     counters = dict(line.split(": ") for line in stats.strip().splitlines())

@@ -41,13 +41,20 @@ LAB_POLICY: dict[str, Any] = {
 }
 
 
-# No body rules and no response rules: Envoy should send only the request headers.
+# No body rules and no response rules: Envoy should send only the request headers. Errors are
+# sanitised (the default), which costs a message only when an answer is a 5xx.
 LEAN_POLICY: dict[str, Any] = {
     "model": "lean",
     "routes": [{"path_prefix": "/v1/lean", "methods": ["POST"]}],
     "versions": [{"name": "v1", "cluster": "demo-chat-v1", "default": True}],
     "authentication": [{"api_key": {"header": "x-api-key"}}],
     "authorization": {"allow_any_authenticated": True},
+}
+# A model owner who wants upstream errors as the model wrote them.
+RAW_ERRORS_POLICY: dict[str, Any] = {
+    **LEAN_POLICY,
+    "model": "raw-errors",
+    "routes": [{"path_prefix": "/v1/raw-errors", "methods": ["POST"]}],
     "output": {"sanitize_errors": False},
 }
 
@@ -58,6 +65,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     stack = make_stack(root, mode="ext_proc", workers=1)
     (root / "policies" / "lab-chat.yaml").write_text(yaml.safe_dump(LAB_POLICY))
     (root / "policies" / "lean.yaml").write_text(yaml.safe_dump(LEAN_POLICY))
+    (root / "policies" / "raw-errors.yaml").write_text(yaml.safe_dump(RAW_ERRORS_POLICY))
     with running(stack) as gw:
         yield gw
 
@@ -327,13 +335,56 @@ def test_upstream_stack_trace_is_sanitised(gw: Gateway) -> None:
         "decision_id": response.headers["x-gateway-decision-id"],
     }
     assert "Traceback" not in response.text and "oncall" not in response.text
-    assert int(response.headers["content-length"]) == len(response.content)
+    # The error streams in place of the upstream's body: no Content-Length (Envoy drops it for
+    # streamed body changes), so the upstream's length is never left wrong.
+    assert response.headers.get("content-length") in (None, str(len(response.content)))
 
 
 def test_upstream_error_without_body_is_sanitised(gw: Gateway) -> None:
     response = post(gw, chat("hello"), x_demo_status="503")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "upstream_error"
+
+
+def _sanitizer_stats(gw: Gateway) -> tuple[int, int]:
+    """Streams Envoy opened for 5xx answers, and messages it sent on them."""
+    url = f"http://127.0.0.1:{gw.stack.admin_port}/stats?filter=sanitize_5xx"
+    lines = gw.pods.get(url).text.splitlines()
+    values = dict(line.split(": ", 1) for line in lines if ": " in line)
+    started = sum(int(v) for k, v in values.items() if k.endswith(".streams_started"))
+    sent = sum(int(v) for k, v in values.items() if k.endswith(".stream_msgs_sent"))
+    return started, sent
+
+
+def test_error_sanitising_costs_nothing_until_an_answer_fails(gw: Gateway) -> None:
+    before = _sanitizer_stats(gw), _messages(gw)
+    for _ in range(5):
+        # The demo pod answers 404 on this path: an answer, not a failure.
+        lean = gw.client.post("/v1/lean", json=chat("hello"), headers={"x-api-key": gw.chat_key})
+        assert lean.status_code == 404, lean.text
+        assert post(gw, chat("hello")).status_code == 200
+    # One message each on the lean route's decision stream, and no 5xx stream at all.
+    assert _sanitizer_stats(gw) == before[0]
+    assert _messages(gw)[0] == before[1][0] + 5 * (1 + 4)
+    failed = gw.client.post(
+        "/v1/lean", json=chat("hello"), headers={"x-api-key": gw.chat_key, "x-demo-traceback": "1"}
+    )
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "upstream_error"
+    assert "Traceback" not in failed.text
+    started, sent = _sanitizer_stats(gw)
+    # One stream for the failed answer: its headers, then its body.
+    assert started == before[0][0] + 1 and sent == before[0][1] + 2
+
+
+def test_a_policy_may_keep_upstream_errors_raw(gw: Gateway) -> None:
+    r = gw.client.post(
+        "/v1/raw-errors",
+        json=chat("hello"),
+        headers={"x-api-key": gw.chat_key, "x-demo-traceback": "1"},
+    )
+    assert r.status_code == 500
+    assert r.text.startswith("Traceback") and "oncall@demo.example" in r.text
 
 
 def test_iris_scores_are_rounded_and_clamped(gw: Gateway) -> None:

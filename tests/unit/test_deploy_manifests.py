@@ -800,6 +800,12 @@ def test_ext_authz_provider_matches_envoy_ext_authz_yaml(istio: dict[str, Doc]) 
     }
 
 
+def _sanitizer(composite: Doc) -> Doc:
+    """The ext_proc config the 5xx composite filter delegates to (a copy)."""
+    (action,) = composite["xds_matcher"]["matcher_tree"]["exact_match_map"]["map"].values()
+    return dict(copy.deepcopy(action["action"]["typed_config"]["typed_config"]["typed_config"]))
+
+
 def test_envoyfilter_matches_envoy_ext_proc_yaml(istio: dict[str, Doc]) -> None:
     hcm, filters = rendered_filters("ext_proc")
     patches = istio["envoyfilter-ext-proc.yaml"]["spec"]["configPatches"]
@@ -813,7 +819,11 @@ def test_envoyfilter_matches_envoy_ext_proc_yaml(istio: dict[str, Doc]) -> None:
     # Inserted before the router in this order, as in the template.
     names = [p["patch"]["value"]["name"] for p in inserted]
     assert names == [n for n in filters if n in names]
-    assert names == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc"]
+    assert names == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.ext_proc",
+        "gateway.sanitize_5xx",
+    ]
 
     ext_proc = inserted[1]["patch"]["value"]["typed_config"]
     template = filters["envoy.filters.http.ext_proc"]["typed_config"]
@@ -821,6 +831,13 @@ def test_envoyfilter_matches_envoy_ext_proc_yaml(istio: dict[str, Doc]) -> None:
     assert {k: v for k, v in ext_proc.items() if k != "grpc_service"} == {
         k: v for k, v in template.items() if k != "grpc_service"
     }
+    # The 5xx stream goes to the same server, with the same settings as in the template.
+    sanitize = _sanitizer(inserted[2]["patch"]["value"]["typed_config"])
+    template_sanitize = _sanitizer(filters["gateway.sanitize_5xx"]["typed_config"])
+    assert sanitize.pop("grpc_service") == ext_proc["grpc_service"]
+    template_sanitize.pop("grpc_service")
+    assert sanitize["failure_mode_allow"] is False
+    assert sanitize == template_sanitize
     region = copy.deepcopy(inserted[0]["patch"]["value"]["typed_config"])
     expected = copy.deepcopy(filters["envoy.filters.http.header_mutation"]["typed_config"])
     for mutation in (region, expected):
