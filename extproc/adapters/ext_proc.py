@@ -9,8 +9,9 @@ The stream's end frees whatever the request held.
 
 RateLimit fields and inspection flags go out as dynamic metadata in RESPONSE_HEADERS_NAMESPACE
 with the allow response, and Envoy's route config adds them to the response
-(envoy/ext_proc.yaml): no response message is needed for them. The response side itself (error
-sanitising, redaction, extraction defences, usage) is in ext_proc_response.py.
+(envoy/ext_proc.yaml): no response message is needed for them. The response side itself
+(redaction, extraction defences, usage) is in ext_proc_response.py. A stream that starts at the
+response headers is Envoy's separate stream for a 5xx answer (ext_proc_errors.py).
 """
 
 from __future__ import annotations

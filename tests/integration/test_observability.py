@@ -39,7 +39,10 @@ def otlp() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Gateway]:
     env = {"EXTPROC_OTLP_ENDPOINT": otlp.url, "EXTPROC_OTLP_METRICS_SECONDS": "0.5"}
-    stack = make_stack(tmp_path_factory.mktemp("observed"), workers=2, valkey_port=0, env=env)
+    # INFO: a failed reload test then shows each worker's reloads in the server log's tail.
+    stack = make_stack(
+        tmp_path_factory.mktemp("observed"), workers=2, valkey_port=0, env=env, log_level="INFO"
+    )
     with running(stack) as gateway:
         yield gateway
 
