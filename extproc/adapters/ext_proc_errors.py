@@ -15,10 +15,9 @@ for leaves as it came.
 
 from __future__ import annotations
 
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.adapters.ext_proc_response import error_json, header, headers_of
+from extproc.adapters.ext_proc_response import error_json, header, headers_of, modes
 from extproc.inspect.mask import Masker
 from extproc.inspect.pii import PII_TYPES, scanner_for
 from extproc.observe import Observer
@@ -30,14 +29,7 @@ DECISION_NAMESPACES = ("envoy.filters.http.ext_proc", "envoy.filters.http.ext_au
 AUDITED_ERROR_BYTES = 2048
 _LABELS = Masker("label")
 # Told on the headers of an answer left as it is: its body need not come here.
-_BODY_NOT_WANTED = ProcessingMode(
-    request_header_mode=ProcessingMode.SKIP,
-    response_header_mode=ProcessingMode.SEND,
-    request_body_mode=ProcessingMode.NONE,
-    response_body_mode=ProcessingMode.NONE,
-    request_trailer_mode=ProcessingMode.SKIP,
-    response_trailer_mode=ProcessingMode.SKIP,
-)
+_BODY_NOT_WANTED = modes(response_headers=True)
 
 
 def sanitised_error(decision_id: str) -> bytes:
