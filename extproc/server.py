@@ -36,6 +36,7 @@ from extproc.policy.store import PolicyStore
 from extproc.quota.admit import QuotaEngine
 from extproc.quota.factory import open_quota_store
 from extproc.settings import Settings
+from extproc.stack_dump import install_task_dump, install_thread_dump
 from extproc.telemetry import metrics, otel_protos
 from extproc.telemetry.export import MetricsExport, SharedMetrics, metrics_wanted
 
@@ -212,13 +213,15 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
+    install_task_dump(loop)
     if _EarlySignals.stop:
         stop.set()
     if _EarlySignals.reload:
         reload_now()
-    watchers = [asyncio.create_task(api_keys.watch())]
+    watchers = [asyncio.create_task(api_keys.watch(), name="api-key-watch")]
     if settings.policy_watch_seconds > 0:
-        watchers.append(asyncio.create_task(store.watch(settings.policy_watch_seconds)))
+        watch = store.watch(settings.policy_watch_seconds)
+        watchers.append(asyncio.create_task(watch, name="policy-watch"))
     log.info(
         "serving on %s (pid %d, policy revision %s, %d policies)",
         settings.listen.rpartition(":")[0] + f":{port}",
@@ -250,6 +253,7 @@ async def serve(
 
 def run_worker(settings: Settings, export_metrics: bool = True) -> None:
     _EarlySignals.install()
+    install_thread_dump()
     configure_logging(settings.log_level)
     try:
         import uvloop  # optional: 10 to 20 % faster here (DESIGN.md)

@@ -118,6 +118,15 @@ class Proc:
         self.log.close()
         return self.popen.returncode
 
+    def dump_stacks(self, port: int) -> int:
+        """Ask each decision-server worker listening on `port` for its thread and task stacks
+        (extproc.stack_dump: they go to this log). Returns how many processes were asked."""
+        pids = listening_children(self.popen.pid, port) or [self.popen.pid]
+        for pid in pids:
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                os.kill(pid, signum)
+        return len(pids)
+
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -137,15 +146,20 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def listening_children(pid: int, port: int) -> int:
-    """How many child processes of `pid` have a socket listening on `port` (Linux /proc)."""
-    wanted = _listening_inodes(port)
-    children: list[str] = []
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    children: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
-            children += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-    count = 0
-    for child in children:
+            children += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return children
+
+
+def listening_children(pid: int, port: int) -> list[int]:
+    """The child processes of `pid` that have a socket listening on `port` (Linux /proc)."""
+    wanted = _listening_inodes(port)
+    found: list[int] = []
+    for child in child_pids(pid):
         with contextlib.suppress(OSError):
             links = {
                 os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")
@@ -155,8 +169,8 @@ def listening_children(pid: int, port: int) -> int:
                 for link in links
                 if link.startswith("socket:[")
             ):
-                count += 1
-    return count
+                found.append(child)
+    return found
 
 
 class Stack:
@@ -317,7 +331,7 @@ class Stack:
             # The first worker listening is not all of them: Envoy's connections made before
             # the others listen would all stay with the first (SO_REUSEPORT picks at connect).
             deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-            while listening_children(proc.popen.pid, self.decision_port) < self.config.workers:
+            while len(listening_children(proc.popen.pid, self.decision_port)) < self.config.workers:
                 self.check_alive()
                 if time.monotonic() > deadline:
                     raise TimeoutError(

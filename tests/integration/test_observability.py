@@ -277,7 +277,11 @@ def test_a_dry_run_rule_through_the_gateway(gw: Gateway) -> None:
         while time.monotonic() < deadline and gw.policy_revision().revision == old_revision:
             time.sleep(0.2)
         new_revision = gw.policy_revision().revision
-        assert new_revision != old_revision, gw.stack.procs["decision-server"].tail()
+        if new_revision == old_revision:  # a worker did not reload: show what each one does
+            server = gw.stack.procs["decision-server"]
+            server.dump_stacks(gw.stack.decision_port)
+            time.sleep(2)  # each worker's loop answers at its next turn
+            pytest.fail(f"no reload in 45 s:\n{server.tail(400)}")
         time.sleep(1.5)  # both workers poll the directory
         response = gw.client.post(
             IRIS, json=IRIS_BODY, headers={"authorization": f"Bearer {gw.iris_key}"}

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc._proto.extproc.admin.v1 import admin_pb2, admin_pb2_grpc
 from extproc.demo.issuer import ensure_demo_issuer
-from extproc.demo.stack import free_port
+from extproc.demo.stack import child_pids, free_port
 from extproc.testing.gateway import REPO, Gateway, make_stack, running
 from extproc.tls import renew_certs
 
@@ -161,6 +161,29 @@ def test_sigterm_while_workers_start_is_a_clean_exit(two_workers: Gateway) -> No
     )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_each_worker_dumps_its_stacks_on_request(two_workers: Gateway) -> None:
+    """SIGUSR1 and SIGUSR2: every thread's and every asyncio task's stack to the log, from each
+    worker; the workers serve on."""
+    server = two_workers.stack.procs["decision-server"]
+    start = server.log_path.stat().st_size
+    assert server.dump_stacks(two_workers.stack.decision_port) == 2
+
+    def dumped() -> str:
+        return server.log_path.read_bytes()[start:].decode(errors="replace")
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and dumped().count("asyncio tasks ---") < 2:
+        time.sleep(0.2)
+    log = dumped()
+    assert log.count("asyncio tasks ---") == 2, log
+    assert log.count("policy-watch: <coroutine object PolicyStore.watch") == 2, log
+    assert log.count("Current thread 0x") == 2, log  # faulthandler, one per worker
+    two_workers.await_status(
+        IRIS, IRIS_BODY, {"authorization": f"Bearer {two_workers.iris_key}"}, 200, within=15
+    )
+
+
 def _decision_server_serial(gw: Gateway) -> int:
 
     pki = gw.stack.pki
@@ -249,12 +272,11 @@ def test_admin_api_and_health_over_mtls(two_workers: Gateway) -> None:
 
 def _workers_of(pid: int) -> list[int]:
     """Worker processes of a supervisor (multiprocessing may add a resource tracker too)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
     found = []
-    for child in children.read_text().split() if children.exists() else []:
+    for child in child_pids(pid):
         cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(child))
+            found.append(child)
     return found
 
 
