@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc._proto.extproc.admin.v1 import admin_pb2_grpc
-from extproc.adapters import ext_authz, ext_proc
+from extproc.adapters import ext_authz, ext_proc, ext_proc_errors
 from extproc.adapters.admin import AdminService
 from extproc.adapters.ext_authz import AuthorizationService
 from extproc.adapters.ext_proc import ExternalProcessorService
@@ -196,6 +196,7 @@ async def serve(
     await _set_health(health_servicer, False)
     await server.start()
     await _warm_key_sources(store)
+    ext_proc_errors.warm()
     # What startup built (policies, protobuf descriptors, TLS, the store client) lives as long
     # as the process: out of the collector's sight, every full collection stays short.
     gc.collect()

@@ -12,7 +12,8 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.adapters.common import struct
-from extproc.adapters.ext_proc_errors import AUDITED_ERROR_BYTES, ErrorExchange
+from extproc.adapters.ext_proc_errors import AUDITED_ERROR_BYTES, ErrorExchange, masked_head, warm
+from extproc.inspect.pii import _scanner_for
 from extproc.observe import Observer
 
 
@@ -126,3 +127,13 @@ def test_the_transport_comes_from_the_decision_filters_namespace() -> None:
     exchange.on_headers(end=True)
     exchange.finished()
     assert observer.errors[0][1] == "ext_authz"
+
+
+def test_warm_compiles_the_masking_scanner_before_the_first_error() -> None:
+    """The server calls warm() at start: the first 5xx then finds the scanner compiled."""
+    _scanner_for.cache_clear()
+    warm()
+    compiled = _scanner_for.cache_info().misses
+    assert compiled == 1
+    assert masked_head(b"Traceback: mail ops@example.com") == "Traceback: mail [EMAIL]"
+    assert _scanner_for.cache_info().misses == compiled  # found in the cache, not compiled
