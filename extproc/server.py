@@ -186,6 +186,7 @@ async def serve(
 ) -> None:
     """Run one worker until SIGTERM/SIGINT, then drain in-flight streams for grace_seconds.
     `export_metrics`: this process serves its own metrics (False under a supervisor)."""
+    install_task_dump(asyncio.get_running_loop())  # before the port opens: see dump_stacks()
     api_keys = ApiKeyStore.load(settings.api_keys_file)
     store = PolicyStore(settings.policy_dir, api_keys, os.environ)
     observer = _observer(settings)
@@ -214,7 +215,6 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
-    install_task_dump(loop)
     if _EarlySignals.stop:
         stop.set()
     if _EarlySignals.reload:

@@ -14,8 +14,10 @@ import sys
 
 
 def install_thread_dump() -> None:
-    """SIGUSR1: all threads' Python stacks to stderr (safe to call before the loop exists)."""
+    """SIGUSR1: all threads' Python stacks to stderr. Called first thing in a worker; SIGUSR2
+    is ignored until the loop handles it, so an early request cannot kill the worker."""
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from extproc._proto.extproc.admin.v1 import admin_pb2 as pb
@@ -32,6 +34,7 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
             loaded_at_unix_ms=int(current.loaded_at * 1000),
             reloads=self._policies.reloads,
             rejected_reloads=self._policies.rejected,
+            worker_pid=os.getpid(),
             policies=[
                 pb.PolicySummary(
                     name=p.model, file=p.file, models=sorted(p.names), versions=sorted(p.versions)

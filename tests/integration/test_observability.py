@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.demo.stack import listening_children
 from extproc.testing.gateway import Gateway, make_stack, running
 from extproc.testing.otlp_receiver import OtlpReceiver
 
@@ -268,21 +269,29 @@ def test_a_dry_run_rule_through_the_gateway(gw: Gateway) -> None:
     old_revision = gw.policy_revision().revision
     reloads = "extproc_policy_reloads_total"
     applied_before = total(scrape(gw), reloads, result="applied")
+    server = gw.stack.procs["decision-server"]
+    workers = listening_children(server.popen.pid, gw.stack.decision_port)
+    assert len(workers) == 2
     trial = "    - {name: only-nobody, principals: [nobody], dry_run: true}\n"
     assert "  rules:\n" in original
     policy.write_text(original.replace("  rules:\n", "  rules:\n" + trial, 1))
     try:
-        # Compiling the demo policies takes a second or two per worker; more on a busy machine.
+        # Each worker polls and compiles on its own (a second or two each, more on a busy
+        # machine), and each admin call reaches either: wait until the metric, which the
+        # supervisor sums over workers, shows both serving the new revision.
         deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and gw.policy_revision().revision == old_revision:
+        new_revision, serving = old_revision, 0.0
+        while time.monotonic() < deadline and serving < 2:
             time.sleep(0.2)
-        new_revision = gw.policy_revision().revision
-        if new_revision == old_revision:  # a worker did not reload: show what each one does
-            server = gw.stack.procs["decision-server"]
+            answer = gw.policy_revision()
+            if answer.revision != old_revision:
+                assert answer.worker_pid in workers, (answer.worker_pid, workers)
+                new_revision = answer.revision
+                serving = total(scrape(gw), "extproc_policy_revision_info", revision=new_revision)
+        if serving < 2:  # a worker did not reload: show what each one does
             server.dump_stacks(gw.stack.decision_port)
             time.sleep(2)  # each worker's loop answers at its next turn
-            pytest.fail(f"no reload in 45 s:\n{server.tail(400)}")
-        time.sleep(1.5)  # both workers poll the directory
+            pytest.fail(f"{serving} of 2 workers reloaded in 45 s:\n{server.tail(400)}")
         response = gw.client.post(
             IRIS, json=IRIS_BODY, headers={"authorization": f"Bearer {gw.iris_key}"}
         )
