@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import ssl
 import time
@@ -74,6 +75,33 @@ class Gateway:
             creds,
             options=[("grpc.ssl_target_name_override", "localhost")],
         )
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """Every complete audit record so far, from every worker's chain."""
+        out = []
+        for path in sorted(self.stack.run_dir.glob("audit*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.endswith("}"):  # a line being written right now is left for next time
+                    out.append(json.loads(line))
+        return out
+
+    def await_audit(
+        self, decision_ids: set[str], event: str | None = None, within: float = 15
+    ) -> dict[str, dict[str, Any]]:
+        """The record of each decision (its `event` record, if given), once written."""
+        deadline = time.monotonic() + within
+        found: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            found = {
+                r["decision_id"]: r
+                for r in self.audit_records()
+                if r.get("decision_id") in decision_ids and event in (None, r.get("event"))
+            }
+            if set(found) == decision_ids:
+                return found
+            time.sleep(0.1)
+        missing = sorted(decision_ids - set(found))
+        raise AssertionError(f"no {event or 'audit'} record for {missing}")
 
     def policy_revision(self) -> admin_pb2.GetPolicyRevisionResponse:
         """The decision server's active policy revision (admin API)."""

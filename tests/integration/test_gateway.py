@@ -334,19 +334,6 @@ def test_no_secret_reaches_any_log(gw: Gateway) -> None:
         assert secret.split(".")[-1][-20:] not in logs  # not even a signature or key tail
 
 
-def _audit_record(gw: Gateway, event: str, decision_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for path in sorted(gw.stack.run_dir.glob("audit*.jsonl")):
-            for line in path.read_text().splitlines():
-                if decision_id in line and line.endswith("}"):
-                    record = json.loads(line)
-                    if record["event"] == event and record.get("decision_id") == decision_id:
-                        return record
-        time.sleep(0.1)
-    raise AssertionError(f"no {event} audit record for {decision_id}")
-
-
 def test_upstream_stack_trace_is_sanitised_in_both_modes(gw: Gateway) -> None:
     """A 5xx goes to the decision server on a stream of its own (Envoy's composite filter),
     in ext_authz deployments too; the upstream's words reach the audit record, PII masked."""
@@ -363,7 +350,7 @@ def test_upstream_stack_trace_is_sanitised_in_both_modes(gw: Gateway) -> None:
         }
     }
     assert "Traceback" not in r.text and "oncall" not in r.text
-    record = _audit_record(gw, "upstream_error", decision_id)
+    record = gw.await_audit({decision_id}, "upstream_error")[decision_id]
     assert record["transport"] == gw.stack.config.mode
     assert (record["model"], record["status"], record["sanitised"]) == ("demo-chat", 500, True)
     assert record["bytes"] > 0
@@ -371,4 +358,4 @@ def test_upstream_stack_trace_is_sanitised_in_both_modes(gw: Gateway) -> None:
     assert head.startswith("Traceback") and "RuntimeError: demo failure" in head
     assert "oncall@demo.example" not in head and "[EMAIL]" in head
     # The decision that let the request through has its own record, under the same id.
-    assert _audit_record(gw, "decision", decision_id)["outcome"] == "allow"
+    assert gw.await_audit({decision_id}, "decision")[decision_id]["outcome"] == "allow"

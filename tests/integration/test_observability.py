@@ -48,26 +48,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator
         yield gateway
 
 
-def records(gw: Gateway) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(gw.stack.run_dir.glob("audit.w*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.endswith("}"):  # a line being written right now is left for next time
-                out.append(json.loads(line))
-    return out
-
-
-def await_records(gw: Gateway, want: set[str], within: float = 15) -> dict[str, dict[str, Any]]:
-    deadline = time.monotonic() + within
-    found: dict[str, dict[str, Any]] = {}
-    while time.monotonic() < deadline:
-        found = {r["decision_id"]: r for r in records(gw) if r.get("decision_id") in want}
-        if set(found) == want:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"no audit record for {sorted(want - set(found))}")
-
-
 def test_every_decision_has_an_audit_record(gw: Gateway) -> None:
     iris = {"authorization": f"Bearer {gw.iris_key}"}
     chat = {"authorization": f"Bearer {gw.chat_key}", "content-type": "application/json"}
@@ -83,7 +63,7 @@ def test_every_decision_has_an_audit_record(gw: Gateway) -> None:
     assert statuses == {"allow": 200, "unauthenticated": 401, "other_tenant": 403,
                         "too_large": 413}  # fmt: skip
     ids = {k: r.headers["x-gateway-decision-id"] for k, r in responses.items()}
-    found = await_records(gw, set(ids.values()))
+    found = gw.await_audit(set(ids.values()))
     revision = gw.policy_revision().revision
     allow = found[ids["allow"]]
     assert allow["outcome"] == "allow" and allow["status"] == 200
@@ -113,7 +93,7 @@ def test_a_cancelled_request_is_recorded(gw: Gateway) -> None:
         time.sleep(0.5)
         raise Gone
 
-    before = {r["decision_id"] for r in records(gw)}
+    before = {r["decision_id"] for r in gw.audit_records()}
     with (
         httpx.Client(base_url=gw.stack.gateway_url, verify=gw.tls, timeout=10) as client,
         pytest.raises(Gone),
@@ -126,7 +106,7 @@ def test_a_cancelled_request_is_recorded(gw: Gateway) -> None:
     cancelled: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not cancelled:
         cancelled = [
-            r for r in records(gw)
+            r for r in gw.audit_records()
             if r["decision_id"] not in before and r.get("outcome") == "cancelled"
         ]  # fmt: skip
         time.sleep(0.1)
@@ -143,7 +123,7 @@ def test_the_chain_verifies_and_catches_a_deleted_and_an_edited_line(
     headers = {"authorization": f"Bearer {gw.iris_key}"}
     ids = {gw.client.post(IRIS, json=IRIS_BODY, headers=headers).headers["x-gateway-decision-id"]
            for _ in range(6)}  # fmt: skip
-    await_records(gw, ids)
+    gw.await_audit(ids)
     logs = sorted(gw.stack.run_dir.glob("audit.w*.jsonl"))
     assert logs
 
@@ -194,7 +174,7 @@ def test_the_trace_continues_the_incoming_traceparent(gw: Gateway, otlp: OtlpRec
     assert attributes["extproc.decision_id"] == decision_id
     children = {s.name for s in ours if s.parent_span_id == root[0].span_id}
     assert {"extproc.route", "extproc.authenticate", "extproc.authorize"} <= children
-    assert await_records(gw, {decision_id})[decision_id]["trace_id"] == trace_id
+    assert gw.await_audit({decision_id})[decision_id]["trace_id"] == trace_id
 
 
 def scrape(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -297,7 +277,7 @@ def test_a_dry_run_rule_through_the_gateway(gw: Gateway) -> None:
         )
         assert response.status_code == 200
         decision_id = response.headers["x-gateway-decision-id"]
-        record = await_records(gw, {decision_id})[decision_id]
+        record = gw.await_audit({decision_id})[decision_id]
         assert record["dry_run"] == [
             {
                 "phase": "authorize",
