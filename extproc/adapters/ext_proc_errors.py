@@ -6,11 +6,12 @@ at all. The stream starts at the response headers; which decision the answer bel
 from the dynamic metadata the decision filter left (decision id, model, and `errors: raw` when
 the model's policy keeps upstream errors as they are).
 
-A sanitised answer keeps its status; its headers say JSON and its body becomes the generic JSON
-error with the decision id. The upstream's own words (the first AUDITED_ERROR_BYTES, PII masked)
-go to the audit record only. Answers the gateway itself wrote (a denial carries `denied` in its
-metadata) pass untouched. Missing metadata means sanitise: nothing the gateway cannot account
-for leaves as it came.
+A sanitised answer keeps its status; its headers say JSON, the upstream's own headers go (the
+`x-powered-by` or `set-cookie` of a server in debug mode say as much as its traceback), and its
+body becomes the generic JSON error with the decision id. The upstream's own words (the first
+AUDITED_ERROR_BYTES, PII masked) go to the audit record only. Answers the gateway itself wrote
+(a denial carries `denied` in its metadata) pass untouched. Missing metadata means sanitise:
+nothing the gateway cannot account for leaves as it came.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ DECISION_NAMESPACES = ("envoy.filters.http.ext_proc", "envoy.filters.http.ext_au
 # Of an upstream error, this much goes to the audit record (PII masked).
 AUDITED_ERROR_BYTES = 2048
 _LABELS = Masker("label")
+# Of an upstream's headers, what a sanitised answer keeps. Envoy's own (x-envoy-*) are not the
+# upstream's, and ext_proc may not change them by default anyway; the ones set below stay too.
+KEPT_UPSTREAM_HEADERS = frozenset({"date", "retry-after", "x-request-id"})
+_SET_HEADERS = ("content-type", "cache-control", DECISION_ID)
 # Told on the headers of an answer left as it is: its body need not come here.
 _BODY_NOT_WANTED = modes(response_headers=True)
 
@@ -76,6 +81,7 @@ class ErrorExchange:
         self.transport, self._meta = decision_metadata(request)
         self.decision_id = self._meta.get("decision_id", "")
         headers = headers_of(request.response_headers)
+        self._upstream_headers = sorted(headers)
         try:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
@@ -93,15 +99,20 @@ class ErrorExchange:
                 response_headers=pb.HeadersResponse(), mode_override=_BODY_NOT_WANTED
             )
         body = sanitised_error(self.decision_id)
+        # Among them content-length and content-encoding: the body changes length (Envoy sends
+        # it chunked) and is sent as written.
+        removed = [
+            name
+            for name in self._upstream_headers
+            if not name.startswith((":", "x-envoy-"))
+            and name not in KEPT_UPSTREAM_HEADERS
+            and name not in _SET_HEADERS  # Envoy removes after it sets
+        ]
+        values = ("application/json", "no-store", self.decision_id)
         common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(
-                set_headers=[
-                    header("content-type", "application/json"),
-                    header("cache-control", "no-store"),
-                    header(DECISION_ID, self.decision_id),
-                ],
-                # The body changes length (Envoy sends it chunked) and is sent as written.
-                remove_headers=["content-length", "content-encoding"],
+                set_headers=[header(n, v) for n, v in zip(_SET_HEADERS, values, strict=True)],
+                remove_headers=removed,
             )
         )
         if end:

@@ -358,7 +358,9 @@ class _PodHandler(http.server.BaseHTTPRequestHandler):
             if leak:
                 # A server left in debug mode sends its traceback: what the gateway must hide.
                 trace = traceback.format_exc().encode()
-                return Response(500, trace, content_type="text/plain; charset=utf-8")
+                debug = (("x-powered-by", "demo-pod (Python debug server)"),
+                         ("set-cookie", "debug_session=demo; Path=/"))  # fmt: skip
+                return Response(500, trace, content_type="text/plain; charset=utf-8", headers=debug)
             log.exception("demo pod %s failed on %s %s", app.name, request.method, request.path)
             response = app.error(HttpError(500, "internal error"))
         if request.headers.get(DEMO_GZIP_HEADER) == "1":

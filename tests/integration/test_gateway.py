@@ -350,6 +350,10 @@ def test_upstream_stack_trace_is_sanitised_in_both_modes(gw: Gateway) -> None:
         }
     }
     assert "Traceback" not in r.text and "oncall" not in r.text
+    # The debug server's own headers go with its words; Envoy's and the gateway's stay.
+    assert "x-powered-by" not in r.headers and "set-cookie" not in r.headers
+    assert r.headers["server"] == "envoy" and r.headers["cache-control"] == "no-store"
+    assert "date" in r.headers
     record = gw.await_audit({decision_id}, "upstream_error")[decision_id]
     assert record["transport"] == gw.stack.config.mode
     assert (record["model"], record["status"], record["sanitised"]) == ("demo-chat", 500, True)

@@ -385,6 +385,7 @@ def test_a_policy_may_keep_upstream_errors_raw(gw: Gateway) -> None:
     )
     assert r.status_code == 500
     assert r.text.startswith("Traceback") and "oncall@demo.example" in r.text
+    assert r.headers["x-powered-by"] == "demo-pod (Python debug server)"  # headers kept too
 
 
 def test_iris_scores_are_rounded_and_clamped(gw: Gateway) -> None:

@@ -78,6 +78,26 @@ def test_a_5xx_body_is_replaced_once_and_recorded_masked() -> None:
     assert len(fields["body_head"]) <= AUDITED_ERROR_BYTES
 
 
+def test_a_sanitised_5xx_keeps_only_harmless_upstream_headers() -> None:
+    request = headers_message("500", {"decision_id": "d-5"})
+    for key, value in [
+        ("X-Powered-By", "Express"),
+        ("set-cookie", "debug=1"),
+        ("content-encoding", "gzip"),
+        ("content-type", "text/html"),  # replaced, so not also removed
+        ("date", "Sun, 22 Nov 2026 12:00:00 GMT"),
+        ("retry-after", "3"),
+        ("x-request-id", "r-1"),
+        ("x-envoy-upstream-service-time", "4"),
+    ]:
+        request.response_headers.headers.headers.append(
+            HeaderValue(key=key, raw_value=value.encode())
+        )
+    mutation = ErrorExchange(Recorder(), request).on_headers(end=False)
+    removed = mutation.response_headers.response.header_mutation.remove_headers
+    assert sorted(removed) == ["content-encoding", "content-length", "set-cookie", "x-powered-by"]
+
+
 def test_a_5xx_without_body_gets_one_from_the_headers_answer() -> None:
     exchange = ErrorExchange(Recorder(), headers_message("503", {"decision_id": "d-2"}))
     common = exchange.on_headers(end=True).response_headers.response
