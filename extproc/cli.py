@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
             quota_store=args.quota_store,
             audit_log=args.audit_log,
             audit_key_file=args.audit_key_file,
+            audit_max_bytes=args.audit_max_bytes,
             metrics_listen=args.metrics_listen,
             otlp_endpoint=args.otlp_endpoint,
         )
@@ -207,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--audit-key-file", type=Path, help="HMAC key for the chain (EXTPROC_AUDIT_KEY_FILE)"
+    )
+    serve.add_argument(
+        "--audit-max-bytes",
+        type=int,
+        help="rotate each audit file at this size; 0: never (EXTPROC_AUDIT_MAX_BYTES)",
     )
     serve.add_argument(
         "--metrics-listen", help="Prometheus /metrics on HOST:PORT (EXTPROC_METRICS_LISTEN)"

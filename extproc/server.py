@@ -169,7 +169,12 @@ def _observer(settings: Settings) -> Observer:
     audit = None
     if settings.audit_log is not None:
         key = settings.audit_key_file.read_bytes().strip() if settings.audit_key_file else None
-        audit = AuditLog(settings.audit_log, key, on_drop=metrics.AUDIT_DROPPED.inc)
+        audit = AuditLog(
+            settings.audit_log,
+            key,
+            on_drop=metrics.AUDIT_DROPPED.inc,
+            max_bytes=settings.audit_max_bytes,
+        )
     tracing = None
     if settings.otlp_endpoint:
         otel_protos.require_intact()

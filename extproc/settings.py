@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from extproc.audit.chain import MIN_ROTATE_BYTES
+
 QUOTA_STORE_SCHEMES = frozenset(
     f"{base}{suffix}"
     for base in ("redis", "rediss", "valkey", "valkeys")
@@ -42,6 +44,9 @@ class Settings:
     # A secret for the chain (HMAC-SHA256 instead of SHA-256), from a file: then an edited log
     # cannot be re-chained by whoever can write it, only by whoever holds the key.
     audit_key_file: Path | None = None
+    # Rotate each audit file when it reaches this many bytes (0: never). Rotated files keep
+    # the chain going (extproc audit verify takes them oldest first) and are not deleted.
+    audit_max_bytes: int = 0
     # Prometheus scrape endpoint (HTTP GET /metrics) as HOST:PORT; empty: off.
     metrics_listen: str = ""
     # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318) for traces and metrics; empty:
@@ -109,6 +114,10 @@ class Settings:
             problems.append(f"{self.audit_key_file}: not a file")
         if self.audit_key_file is not None and self.audit_log is None:
             problems.append("audit_key_file needs audit_log")
+        if self.audit_max_bytes and self.audit_log is None:
+            problems.append("audit_max_bytes needs audit_log")
+        if self.audit_max_bytes != 0 and not MIN_ROTATE_BYTES <= self.audit_max_bytes <= 2**50:
+            problems.append(f"audit_max_bytes must be 0 (never rotate) or >= {MIN_ROTATE_BYTES}")
         return problems
 
     @property

@@ -6,6 +6,12 @@ against a head kept elsewhere (verify prints the head; ship it with your log pip
 key (EXTPROC_AUDIT_KEY_FILE) the links are HMAC-SHA256 instead of SHA-256, so whoever can write
 the file but does not hold the key cannot re-chain an edited log.
 
+With a size limit the writer rotates: the full file is renamed after the sequence number of its
+first record (audit.w0.jsonl -> audit.w0.000000001234.jsonl, so names sort oldest first, the
+active file last) and the new file opens with a `log_rotated` record naming it, linked to its
+last line: the chain runs on across files (`extproc audit verify audit.w0.*jsonl`). Rotated
+files are left for the log pipeline to ship and remove.
+
 Records are written by one thread: the request path only enqueues (about a microsecond) and
 never waits for the disk. When the queue is full the record is dropped and counted, and the
 next line written says how many were lost: the log never silently has a hole.
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 MAX_QUEUED = 65536
 BATCH_SECONDS = 0.02
+# A rotated file holds at least a few records (and a rotation record cannot rotate again).
+MIN_ROTATE_BYTES = 4096
 # Characters JSON leaves raw that can still mislead a terminal or a log viewer: DEL, the C1
 # controls, line and paragraph separators, and bidirectional overrides. orjson already escapes
 # the C0 controls. Each appears in orjson's output only inside a string, as whole UTF-8
@@ -62,6 +70,24 @@ def worker_path(path: Path, worker: int) -> Path:
     return path.with_name(f"{path.stem}.w{worker}{path.suffix}")
 
 
+def rotated_path(path: Path, first_seq: int) -> Path:
+    """Where a full file goes: named after its first record's sequence number."""
+    return path.with_name(f"{path.stem}.{first_seq:012d}{path.suffix}")
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The files rotated out of `path`, oldest first."""
+    pattern = re.compile(re.escape(path.stem) + r"\.\d{12}" + re.escape(path.suffix) + "$")
+    return sorted(p for p in path.parent.glob(f"{path.stem}.*") if pattern.match(p.name))
+
+
+def _first_seq(path: Path) -> int | None:
+    unreadable = (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError)
+    with contextlib.suppress(*unreadable), path.open("rb") as f:
+        return int(orjson.loads(f.readline())["seq"])
+    return None
+
+
 def _last_line(path: Path) -> bytes | None:
     try:
         with path.open("rb") as f:
@@ -88,16 +114,25 @@ class AuditLog:
         key: bytes | None = None,
         max_queued: int = MAX_QUEUED,
         on_drop: Callable[[], None] | None = None,
+        max_bytes: int = 0,
     ) -> None:
+        """`max_bytes`: rotate once the file reaches this size (0: never)."""
+        if 0 < max_bytes < MIN_ROTATE_BYTES:
+            raise ValueError(f"audit max_bytes must be 0 (never rotate) or >= {MIN_ROTATE_BYTES}")
         self.path = path
         self._key = key
         self._max = max_queued
         self._on_drop = on_drop
+        self._max_bytes = max_bytes
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.dropped = 0
         self.written = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         last = _last_line(path)
+        resumed_here = last is not None
+        if last is None and (rotated := rotated_files(path)):
+            # Stopped between a rotation and the new file's first line: go on from the last.
+            last = _last_line(rotated[-1])
         self._seq = 0
         self._prev = GENESIS
         torn = False
@@ -109,8 +144,13 @@ class AuditLog:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 torn = True  # a write cut short (a crash): verify will show that line
         self._file = path.open("ab")
+        self._size = self._file.tell()
+        first = _first_seq(path) if self._size else None
+        self._first_seq = self._seq if first is None else first
         if torn:
-            self._file.write(b"\n")
+            if resumed_here:  # end the torn line, or the next record would join it
+                self._file.write(b"\n")
+                self._size += 1
             self._append({"event": "chain_resumed", "after": "unreadable last line"})
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -159,9 +199,25 @@ class AuditLog:
         line = orjson.dumps({"seq": self._seq, "prev": self._prev, **record}, default=str)
         line = escape_misleading(line)
         self._file.write(line + b"\n")
+        self._size += len(line) + 1
         self._prev = link(line, self._key)
         self._seq += 1
         self.written += 1
+        if self._max_bytes and self._size >= self._max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        target = rotated_path(self.path, self._first_seq)
+        if target.exists():  # a chain restarted from scratch: never overwrite history
+            target = target.with_name(f"{target.stem}-{time.time_ns()}{target.suffix}")
+        os.rename(self.path, target)
+        self._file = self.path.open("ab")
+        self._size = 0
+        self._first_seq = self._seq
+        self._append({"event": "log_rotated", "previous": target.name})
 
 
 @dataclass

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.audit.chain import rotated_files
 from extproc.demo.stack import listening_children
 from extproc.testing.gateway import Gateway, make_stack, running
 from extproc.testing.otlp_receiver import OtlpReceiver
@@ -26,6 +27,22 @@ IRIS = "/v2/models/iris/infer"
 IRIS_BODY = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
                          "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
 CHAT = "/v1/chat/completions"
+
+
+AUDIT_MAX_BYTES = 8192
+
+
+def chains(gw: Gateway) -> list[list[Path]]:
+    """Each worker's audit chain: its rotated files oldest first, then the active one."""
+    active = sorted(gw.stack.run_dir.glob("audit.w[0-9].jsonl"))
+    return [[*rotated_files(path), path] for path in active]
+
+
+def verify_cli(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "audit", "verify", *map(str, paths)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +56,12 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Gateway]:
-    env = {"EXTPROC_OTLP_ENDPOINT": otlp.url, "EXTPROC_OTLP_METRICS_SECONDS": "0.5"}
+    env = {
+        "EXTPROC_OTLP_ENDPOINT": otlp.url,
+        "EXTPROC_OTLP_METRICS_SECONDS": "0.5",
+        # Records are about 750 bytes: each worker's file rotates every dozen or so.
+        "EXTPROC_AUDIT_MAX_BYTES": str(AUDIT_MAX_BYTES),
+    }
     # INFO: a failed reload test then shows each worker's reloads in the server log's tail.
     stack = make_stack(
         tmp_path_factory.mktemp("observed"), workers=2, valkey_port=0, env=env, log_level="INFO"
@@ -124,31 +146,48 @@ def test_the_chain_verifies_and_catches_a_deleted_and_an_edited_line(
     ids = {gw.client.post(IRIS, json=IRIS_BODY, headers=headers).headers["x-gateway-decision-id"]
            for _ in range(6)}  # fmt: skip
     gw.await_audit(ids)
-    logs = sorted(gw.stack.run_dir.glob("audit.w*.jsonl"))
-    assert logs
-
-    def verify(*paths: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "extproc", "audit", "verify", *map(str, paths)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-
+    logs = [chain[0] for chain in chains(gw)]  # each worker's oldest file: it starts the chain
+    assert len(logs) == 2
     for log in logs:
-        done = verify(log)
+        done = verify_cli(log)
         assert done.returncode == 0, done.stderr
     longest = max(logs, key=lambda p: len(p.read_text().splitlines()))
     lines = [line for line in longest.read_text().splitlines() if line.endswith("}")]
     assert len(lines) >= 4
     deleted = tmp_path / "deleted.jsonl"
     deleted.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
-    done = verify(deleted)
+    done = verify_cli(deleted)
     assert done.returncode == 1 and "line 3: chain broken" in done.stderr
     edited = tmp_path / "edited.jsonl"
     changed = json.loads(lines[1])
     changed["outcome"] = "deny" if changed.get("outcome") == "allow" else "allow"
     edited.write_text("\n".join([lines[0], json.dumps(changed), *lines[2:]]) + "\n")
-    done = verify(edited)
+    done = verify_cli(edited)
     assert done.returncode == 1 and "line 3: chain broken" in done.stderr
+
+
+def test_audit_files_rotate_and_each_workers_chain_verifies_across_them(gw: Gateway) -> None:
+    headers = {"authorization": f"Bearer {gw.iris_key}"}
+    # Bounded: enough answers for a worker to rotate twice (sequential requests share one
+    # connection, so mostly one worker answers them).
+    for _ in range(10):
+        if max(len(chain) for chain in chains(gw)) >= 3:
+            break
+        answers = [gw.client.post(IRIS, json=IRIS_BODY, headers=headers) for _ in range(10)]
+        gw.await_audit({r.headers["x-gateway-decision-id"] for r in answers})
+    worker_chains = chains(gw)
+    assert len(worker_chains) == 2 and max(len(chain) for chain in worker_chains) >= 3
+    for chain in worker_chains:
+        for rotated in chain[:-1]:
+            size = rotated.stat().st_size
+            assert AUDIT_MAX_BYTES <= size < AUDIT_MAX_BYTES + 4096, (rotated.name, size)
+        done = verify_cli(*chain)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(": ok: ") == len(chain)
+        # A rotated file taken out of the middle shows at the next file's first line.
+        if len(chain) >= 3:
+            done = verify_cli(chain[0], *chain[2:])
+            assert done.returncode == 1 and "line 1: chain broken" in done.stderr
 
 
 def test_the_trace_continues_the_incoming_traceparent(gw: Gateway, otlp: OtlpReceiver) -> None:

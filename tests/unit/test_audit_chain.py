@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
-from extproc.audit.chain import GENESIS, AuditLog, escape_misleading, verify
+from extproc.audit.chain import (
+    GENESIS,
+    MIN_ROTATE_BYTES,
+    AuditLog,
+    escape_misleading,
+    rotated_files,
+    rotated_path,
+    verify,
+)
 from extproc.cli import main
+from extproc.settings import Settings
 
 
 def _write(path: Path, n: int, key: bytes | None = None) -> None:
@@ -152,3 +162,79 @@ def test_cli_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert "BROKEN" in captured.out and "line 2: chain broken" in captured.err
 
+
+def _write_big(path: Path, n: int, max_bytes: int, start: int = 0) -> None:
+    log = AuditLog(path, max_bytes=max_bytes)
+    for i in range(start, start + n):
+        log.write({"event": "decision", "decision_id": f"d{i}", "pad": "x" * 100})
+    log.close()
+
+
+def test_rotation_keeps_one_chain_across_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "audit.w0.jsonl"
+    _write_big(log, 200, max_bytes=MIN_ROTATE_BYTES)
+    rotated = rotated_files(log)
+    assert len(rotated) >= 5
+    files = [*rotated, log]
+    assert sorted(tmp_path.glob("audit.w0.*jsonl")) == files  # the shell's order: oldest first
+    line_size = max(len(line) + 1 for f in files for line in _lines(f))
+    for f in rotated:
+        assert MIN_ROTATE_BYTES <= f.stat().st_size < MIN_ROTATE_BYTES + line_size
+    records = [json.loads(line) for f in files for line in _lines(f)]
+    assert [r["seq"] for r in records] == list(range(len(records)))  # nothing lost or doubled
+    assert [r["decision_id"] for r in records if r["event"] == "decision"] == [
+        f"d{i}" for i in range(200)
+    ]
+    for previous, f in itertools.pairwise(files):
+        first = json.loads(_lines(f)[0])
+        assert (first["event"], first["previous"]) == ("log_rotated", previous.name)
+        # Each file is named after the sequence number of its first record.
+        assert int(previous.name.split(".")[2]) == json.loads(_lines(previous)[0])["seq"]
+    assert main(["audit", "verify", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok: ") == len(files)
+    # Drop a whole rotated file: the next file's first line shows it.
+    rotated[2].unlink()
+    assert main(["audit", "verify", *map(str, [*rotated[:2], *rotated[3:], log])]) == 1
+    assert "line 1: chain broken" in capsys.readouterr().err
+
+
+def test_a_restart_after_rotation_continues_the_chain(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    _write_big(log, 60, max_bytes=MIN_ROTATE_BYTES)
+    _write_big(log, 60, max_bytes=MIN_ROTATE_BYTES, start=60)
+    # Stopped right after a rotation, before the new file's first line: the next start goes
+    # on from the last rotated file.
+    log.rename(rotated_path(log, json.loads(_lines(log)[0])["seq"]))
+    _write_big(log, 60, max_bytes=MIN_ROTATE_BYTES, start=120)
+    files = [*rotated_files(log), log]
+    head = GENESIS
+    for f in files:
+        result = verify(f, start=head)
+        assert result.problems == [], (f.name, result.problems)
+        head = result.head
+    records = [json.loads(line) for f in files for line in _lines(f)]
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    decisions = [r["decision_id"] for r in records if r["event"] == "decision"]
+    assert decisions == [f"d{i}" for i in range(180)]
+
+
+def test_a_rotation_never_overwrites_history(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    taken = rotated_path(log, 0)
+    taken.write_bytes(b"history not to lose\n")  # say, a chain started again from seq 0
+    _write_big(log, 40, max_bytes=MIN_ROTATE_BYTES)
+    assert taken.read_bytes() == b"history not to lose\n"
+    (moved,) = tmp_path.glob("audit.000000000000-*.jsonl")
+    assert json.loads(_lines(moved)[0])["seq"] == 0
+
+
+@pytest.mark.parametrize("max_bytes", [1, MIN_ROTATE_BYTES - 1, -5])
+def test_a_size_too_small_to_rotate_is_refused(tmp_path: Path, max_bytes: int) -> None:
+    if max_bytes > 0:
+        with pytest.raises(ValueError, match="max_bytes"):
+            AuditLog(tmp_path / "audit.jsonl", max_bytes=max_bytes)
+    problems = Settings(insecure=True, audit_log=tmp_path / "a.jsonl", audit_max_bytes=max_bytes)
+    assert "audit_max_bytes must be 0 (never rotate) or >= 4096" in problems.validate()
