@@ -170,7 +170,7 @@ def compile_input(
     images = spec.images
     chat = spec.chat
     needs_body = explicit and (
-        "json_limits" in spec.model_fields_set
+        bool({"json_limits", "images"} & spec.model_fields_set)
         or bool(spec.encodings)
         or any(
             x is not None

@@ -69,7 +69,12 @@ class QuotaRule(Strict):
     """One limit. Requests and cost count per window; concurrency counts requests in flight."""
 
     name: Name = Field(description="Shown to the caller in 429 bodies and RateLimit headers.")
-    kind: Literal["requests", "concurrency", "cost"] = "requests"
+    kind: Literal["requests", "concurrency", "cost"] = Field(
+        default="requests",
+        description="requests: each request counts 1 per window; concurrency: requests in "
+        "flight at once, each freed when its response ends; cost: the request's cost (see "
+        "`cost`) per window. Over the limit: 429 rate_limited with Retry-After.",
+    )
     key: list[KeyPart] = Field(
         default_factory=lambda: list[KeyPart](["principal"]),
         min_length=1,
@@ -170,14 +175,25 @@ class Adaptive(Strict):
 class Overload(Strict):
     """Per replica: a cap on requests in flight to this model, shedding lower classes first."""
 
-    max_in_flight: int = Field(ge=1, le=1_000_000)
+    max_in_flight: int = Field(
+        ge=1,
+        le=1_000_000,
+        description="Requests in flight to this model on one replica, at most (the cap, or its "
+        "ceiling with adaptive); beyond it: 503 overloaded with Retry-After.",
+    )
     class_shares: dict[Name, Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=dict,
         description="Share of the cap each class may fill, e.g. {free: 0.5, pro: 0.8, "
         "enterprise: 1.0}: under overload free callers are shed first (503 + Retry-After).",
     )
-    default_share: float = Field(default=1.0, gt=0, le=1)
-    adaptive: Adaptive | None = None
+    default_share: float = Field(
+        default=1.0, gt=0, le=1, description="Share of the cap for classes not in class_shares."
+    )
+    adaptive: Adaptive | None = Field(
+        default=None,
+        description="Lower the cap while latency (to the response headers) stays above a "
+        "target, and raise it back as latency falls. Without it the cap stays at max_in_flight.",
+    )
 
     @model_validator(mode="after")
     def _min_below_max(self) -> Overload:
@@ -189,7 +205,12 @@ class Overload(Strict):
 class Quotas(Strict):
     """How much callers may use this model."""
 
-    rules: list[QuotaRule] = Field(default_factory=list)
+    rules: list[QuotaRule] = Field(
+        default_factory=list,
+        description="The limits; a request must fit every rule that applies to it, or is "
+        "refused with 429. The platform's quotas.defaults are added, unless a rule here has "
+        "the same name.",
+    )
     class_claim: ClaimName = Field(
         default="tier",
         description="Identity claim (JWT claim or API-key metadata) naming the caller's user "
@@ -208,7 +229,11 @@ class Quotas(Strict):
         description="With on_store_failure: local, the share of each limit one replica admits "
         "on its own (e.g. 1 / number of replicas).",
     )
-    overload: Overload | None = None
+    overload: Overload | None = Field(
+        default=None,
+        description="A cap on requests in flight per replica, shedding lower classes first "
+        "(503 + Retry-After); no cap when absent.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Quotas:

@@ -94,6 +94,9 @@ async def test_masked_body_replaces_the_request(setup: tuple[DecisionCore, str, 
         ("input: {injection: {detector: 'no.such.module:make'}}", "input.injection.detector"),
         ("output: {redact: {mask: [email], style: hash, hash_key_env: NOPE_KEY}}",
          "output.redact.hash_key_env"),
+        # A profile's limits without that profile would be silently unused.
+        ("input: {chat: {max_messages: 4}}", "input"),
+        ("input: {profile: openai_chat, tensors: {max_elements: 9}}", "input"),
     ],
 )  # fmt: skip
 def test_policy_errors_name_file_and_field(tmp_path: Path, section: str, field: str) -> None:
@@ -104,3 +107,16 @@ def test_policy_errors_name_file_and_field(tmp_path: Path, section: str, field: 
     (error,) = info.value.errors
     assert error.file.endswith("vision.yaml")
     assert error.field == field
+
+
+async def test_an_images_section_alone_has_images_checked(tmp_path: Path) -> None:
+    """Limits on images inspect the body even when nothing else in `input` asks for it."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "vera", tenant="t", roles=["vision"])
+    base = textwrap.dedent(VISION).split("input:")[0]
+    (tmp_path / "vision.yaml").write_text(base + "input: {images: {max_width: 4}}\n")
+    core = DecisionCore(PolicyStore(tmp_path, ApiKeyStore.load(keys), {}))
+    image = {"type": "image_url", "image_url": {"url": _png()}}  # 8 x 8 pixels
+    denied = await core.decide(_request(key, [image]))
+    assert isinstance(denied, Deny) and (denied.status, denied.code) == (413, "image_too_large")
+    assert isinstance(await core.decide(_request(key, [{"type": "text", "text": "hi"}])), Allow)

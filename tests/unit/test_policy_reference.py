@@ -188,10 +188,10 @@ def test_every_model_field_is_in_the_reference(model: type[BaseModel]) -> None:
     assert sorted(field_paths(json_schema(model))) == sorted(paths)  # and nothing else
 
 
-def _row(path: str) -> list[str]:
-    line = next(
-        line for line in reference_markdown().splitlines() if line.startswith(f"| `{path}` |")
-    )
+def _row(path: str, reference: str | None = None) -> list[str]:
+    """The reference table cells of a field path (`reference`: the text, when already made)."""
+    text = reference_markdown() if reference is None else reference
+    line = next(line for line in text.splitlines() if line.startswith(f"| `{path}` |"))
     return [cell.strip() for cell in line.strip("|").split(" | ")]
 
 
@@ -208,6 +208,14 @@ def test_reference_rows_carry_type_required_default_range_and_description() -> N
     assert description is not None and _row("authorization.rules[].principals")[5] == description
     # A pipe inside a cell is escaped, or the table would gain a column.
     assert "(ms\\|s\\|m\\|h\\|d)" in _row("quotas.rules[].window")[4]
+
+
+@pytest.mark.parametrize("model", [Policy, PlatformPolicy])
+def test_every_field_has_a_description(model: type[BaseModel]) -> None:
+    # Model owners read the reference: a field without a description is a row that says nothing.
+    reference = reference_markdown()
+    undescribed = [p for p in model_paths(model) if not _row(p, reference)[-1]]
+    assert undescribed == []
 
 
 # --- the command ----------------------------------------------------------------------------
