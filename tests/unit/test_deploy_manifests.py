@@ -478,6 +478,9 @@ def test_extproc_command_and_settings_are_the_servers(
     assert settings.audit_log is not None
     mount, volume = mounted(docs, deployment, c, str(settings.audit_log))
     assert "emptyDir" in volume and not mount.get("readOnly"), "the audit log needs a writable dir"
+    # Files rotate well before the volume fills (two workers, each a file being written).
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and 0 < 4 * settings.audit_max_bytes < int(limit[:-2]) * 2**30
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
