@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from extproc.audit.chain import MIN_ROTATE_BYTES
+from extproc.audit.chain import rotation_problem
 
 QUOTA_STORE_SCHEMES = frozenset(
     f"{base}{suffix}"
@@ -116,8 +116,8 @@ class Settings:
             problems.append("audit_key_file needs audit_log")
         if self.audit_max_bytes and self.audit_log is None:
             problems.append("audit_max_bytes needs audit_log")
-        if self.audit_max_bytes != 0 and not MIN_ROTATE_BYTES <= self.audit_max_bytes <= 2**50:
-            problems.append(f"audit_max_bytes must be 0 (never rotate) or >= {MIN_ROTATE_BYTES}")
+        if (rotation := rotation_problem(self.audit_max_bytes)) is not None:
+            problems.append(rotation)
         return problems
 
     @property

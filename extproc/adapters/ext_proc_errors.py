@@ -32,7 +32,6 @@ _LABELS = Masker("label")
 # Of an upstream's headers, what a sanitised answer keeps. Envoy's own (x-envoy-*) are not the
 # upstream's, and ext_proc may not change them by default anyway; the ones set below stay too.
 KEPT_UPSTREAM_HEADERS = frozenset({"date", "retry-after", "x-request-id"})
-_SET_HEADERS = ("content-type", "cache-control", DECISION_ID)
 # Told on the headers of an answer left as it is: its body need not come here.
 _BODY_NOT_WANTED = modes(response_headers=True)
 
@@ -99,21 +98,21 @@ class ErrorExchange:
                 response_headers=pb.HeadersResponse(), mode_override=_BODY_NOT_WANTED
             )
         body = sanitised_error(self.decision_id)
+        set_headers = [
+            header("content-type", "application/json"),
+            header("cache-control", "no-store"),
+            header(DECISION_ID, self.decision_id),
+        ]
+        kept = KEPT_UPSTREAM_HEADERS | {h.header.key for h in set_headers}  # set, not removed
         # Among them content-length and content-encoding: the body changes length (Envoy sends
         # it chunked) and is sent as written.
         removed = [
             name
             for name in self._upstream_headers
-            if not name.startswith((":", "x-envoy-"))
-            and name not in KEPT_UPSTREAM_HEADERS
-            and name not in _SET_HEADERS  # Envoy removes after it sets
+            if not name.startswith((":", "x-envoy-")) and name not in kept
         ]
-        values = ("application/json", "no-store", self.decision_id)
         common = pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(
-                set_headers=[header(n, v) for n, v in zip(_SET_HEADERS, values, strict=True)],
-                remove_headers=removed,
-            )
+            header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=removed)
         )
         if end:
             # No body follows: this answer carries one.

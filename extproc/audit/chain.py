@@ -70,6 +70,13 @@ def worker_path(path: Path, worker: int) -> Path:
     return path.with_name(f"{path.stem}.w{worker}{path.suffix}")
 
 
+def rotation_problem(max_bytes: int) -> str | None:
+    """What is wrong with a rotation size, if anything (a negative one would rotate forever)."""
+    if max_bytes != 0 and not MIN_ROTATE_BYTES <= max_bytes <= 2**50:
+        return f"audit_max_bytes must be 0 (never rotate) or >= {MIN_ROTATE_BYTES}"
+    return None
+
+
 def rotated_path(path: Path, first_seq: int) -> Path:
     """Where a full file goes: named after its first record's sequence number."""
     return path.with_name(f"{path.stem}.{first_seq:012d}{path.suffix}")
@@ -117,8 +124,9 @@ class AuditLog:
         max_bytes: int = 0,
     ) -> None:
         """`max_bytes`: rotate once the file reaches this size (0: never)."""
-        if 0 < max_bytes < MIN_ROTATE_BYTES:
-            raise ValueError(f"audit max_bytes must be 0 (never rotate) or >= {MIN_ROTATE_BYTES}")
+        problem = rotation_problem(max_bytes)
+        if problem is not None:
+            raise ValueError(problem)
         self.path = path
         self._key = key
         self._max = max_queued

@@ -233,8 +233,7 @@ def test_a_rotation_never_overwrites_history(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("max_bytes", [1, MIN_ROTATE_BYTES - 1, -5])
 def test_a_size_too_small_to_rotate_is_refused(tmp_path: Path, max_bytes: int) -> None:
-    if max_bytes > 0:
-        with pytest.raises(ValueError, match="max_bytes"):
-            AuditLog(tmp_path / "audit.jsonl", max_bytes=max_bytes)
+    with pytest.raises(ValueError, match="max_bytes"):
+        AuditLog(tmp_path / "audit.jsonl", max_bytes=max_bytes)
     problems = Settings(insecure=True, audit_log=tmp_path / "a.jsonl", audit_max_bytes=max_bytes)
     assert "audit_max_bytes must be 0 (never rotate) or >= 4096" in problems.validate()
